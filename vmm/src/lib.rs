@@ -1,0 +1,239 @@
+//! hearth-vmm: the KVM virtual machine monitor of hearth's utility VM.
+//!
+//! It boots hearth's tuned Linux kernel with an initramfs on N vCPUs and runs
+//! it until the guest ends the VM. The layers, from the bottom:
+//!
+//! - [`checks`]: start-up checks of the host and the configuration, each
+//!   failure explained (no /dev/kvm, no permission, a PVM-only KVM, a missing
+//!   kernel, an impossible memory size).
+//! - [`arch`]: the x86_64 guest: memory layout, MP table, GDT and page
+//!   tables, CPUID and MSRs.
+//! - [`boot`]: loading the kernel (ELF through PVH, or bzImage), the initramfs
+//!   and the command line, and writing the boot parameters.
+//! - [`vstate`]: the KVM VM (memory slots, irqchip, PIT) and vCPUs with
+//!   their run loop.
+//! - [`devices`]: what vCPU exits reach: the serial console (which also
+//!   watches for kernel panics) and the i8042 reset line.
+//!
+//! [`run`] ties these together and returns how the guest ended, which the
+//! `hearth-vmm` binary turns into its exit status (see [`GuestExit::code`]).
+
+pub mod arch;
+pub mod boot;
+pub mod checks;
+pub mod config;
+pub mod devices;
+pub mod vstate;
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::IntoRawFd;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::channel;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Cap, Kvm};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::config::{Console, VmConfig, DEFAULT_CMDLINE};
+use crate::devices::bus::Bus;
+use crate::devices::legacy::console::ConsoleSink;
+use crate::devices::legacy::{i8042, serial, IrqTrigger, SerialConsole, I8042};
+use crate::devices::VmEvent;
+use crate::vstate::{vcpu::Vcpu, vm::Vm};
+
+/// Exit status of `hearth-vmm` when the VMM itself fails (bad host, bad input).
+pub const EXIT_VMM_ERROR: i32 = 1;
+
+/// How the guest ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest rebooted or powered off (both end the VM).
+    Shutdown,
+    /// The guest kernel panicked; the panic line from its console.
+    Panic(String),
+    /// The guest could not go on (KVM internal error, failed entry...).
+    Crashed(String),
+}
+
+impl GuestExit {
+    /// The exit status of `hearth-vmm`: 0 for a clean shutdown, 3 for a guest
+    /// kernel panic, 4 for a guest that crashed the vCPU (1 is a VMM error and
+    /// 2 a usage error).
+    pub fn code(&self) -> i32 {
+        match self {
+            GuestExit::Shutdown => 0,
+            GuestExit::Panic(_) => 3,
+            GuestExit::Crashed(_) => 4,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Check(#[from] checks::Error),
+    #[error("this KVM lacks {0}, which hearth needs")]
+    KvmCapability(&'static str),
+    #[error("KVM could not {what}: {source}")]
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    #[error(transparent)]
+    Vm(#[from] vstate::vm::Error),
+    #[error(transparent)]
+    Vcpu(#[from] vstate::vcpu::Error),
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    #[error(transparent)]
+    Mptable(#[from] arch::mptable::Error),
+    #[error("cannot open the console log {path}: {source}")]
+    ConsoleLog { path: String, source: std::io::Error },
+    #[error("setting up the VMM: {0}")]
+    Setup(String),
+}
+
+/// Boots the VM described by `config` on this host and runs it to its end.
+pub fn run(config: &VmConfig) -> Result<GuestExit, Error> {
+    run_on(&checks::Host::default(), config)
+}
+
+pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error> {
+    let started = Instant::now();
+    host.check_config(config)?;
+    let kvm_file = host.check_kvm()?;
+    // SAFETY: the descriptor was just opened on the KVM device and is owned by
+    // nothing else once turned into a raw fd.
+    let kvm = unsafe { <Kvm as std::os::fd::FromRawFd>::from_raw_fd(kvm_file.into_raw_fd()) };
+    for (cap, name) in [
+        (Cap::Irqchip, "an in-kernel irqchip"),
+        (Cap::UserMemory, "user memory regions"),
+        (Cap::Irqfd, "irqfd"),
+        (Cap::Pit2, "the in-kernel PIT"),
+        (Cap::ExtCpuid, "KVM_GET_SUPPORTED_CPUID"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::KvmCapability(name));
+        }
+    }
+
+    let vm = Vm::new(&kvm, config.memory_mib << 20)?;
+    let (events, event_rx) = channel();
+
+    let out: Box<dyn Write + Send> = match &config.console {
+        Console::Stdout => Box::new(std::io::stdout()),
+        Console::File(path) => Box::new(
+            File::create(path).map_err(|source| Error::ConsoleLog { path: path.display().to_string(), source })?,
+        ),
+        Console::Off => Box::new(std::io::sink()),
+    };
+    let sink = ConsoleSink::new(out, events.clone());
+    let panic_watch = sink.watch();
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Setup(format!("eventfd: {e}")))?;
+    vm.fd
+        .register_irqfd(&irq, serial::COM1_IRQ)
+        .map_err(|source| Error::Kvm { what: "register the serial irqfd", source })?;
+    let console = Arc::new(SerialConsole::new(IrqTrigger(irq), sink));
+
+    let mut pio = Bus::default();
+    pio.insert(serial::COM1_PORT, serial::COM1_LEN, console.clone())
+        .and_then(|_| pio.insert(i8042::I8042_PORT, i8042::I8042_LEN, Arc::new(I8042::new(events.clone()))))
+        .map_err(|e| Error::Setup(e.to_string()))?;
+    let pio = Arc::new(pio);
+    let mmio = Arc::new(Bus::default());
+
+    let table = arch::mptable::build(config.vcpus)?;
+    vm.memory
+        .write_slice(&table, GuestAddress(arch::mptable::mptable_address()))
+        .map_err(|e| Error::Setup(format!("writing the MP table: {e}")))?;
+    let cmdline = boot::build_cmdline(DEFAULT_CMDLINE, &config.cmdline)?;
+    let loaded = boot::load(
+        &vm.memory,
+        vm.memory_size,
+        &config.kernel,
+        config.initramfs.as_deref(),
+        &cmdline,
+    )?;
+    tracing::info!(
+        kernel = %config.kernel.display(),
+        format = ?loaded.format,
+        entry = ?loaded.entry,
+        initramfs = ?loaded.initramfs,
+        vcpus = config.vcpus,
+        memory_mib = config.memory_mib,
+        "kernel loaded"
+    );
+
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| Error::Kvm { what: "report its supported CPUID", source })?;
+    let mut vcpus = Vec::new();
+    for id in 0..config.vcpus {
+        let vcpu = Vcpu::new(&vm.fd, id, pio.clone(), mmio.clone(), events.clone())?;
+        vcpu.configure(&supported, config.vcpus, &vm.memory, (id == 0).then_some(loaded.entry))?;
+        vcpus.push(vcpu);
+    }
+
+    extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    register_signal_handler(SIGRTMIN(), kick).map_err(|e| Error::Setup(format!("signal handler: {e}")))?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for vcpu in vcpus {
+        let stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{}", vcpu.id))
+            .spawn(move || vcpu.run(stop))
+            .map_err(|e| Error::Setup(format!("spawning a vCPU thread: {e}")))?;
+        threads.push(thread);
+    }
+    tracing::info!(setup_ms = started.elapsed().as_millis() as u64, "vCPUs started");
+    drop(events);
+
+    let event = event_rx.recv().unwrap_or(VmEvent::Fatal("every vCPU stopped without a reason".into()));
+    stop_vcpus(&stop, threads);
+    console.flush();
+
+    let exit = match event {
+        VmEvent::Reset | VmEvent::TripleFault => match panic_watch.get() {
+            Some(line) => GuestExit::Panic(line),
+            None => {
+                if event == VmEvent::TripleFault {
+                    tracing::info!("the guest triple-faulted (a reboot=t reboot, or a crash)");
+                }
+                GuestExit::Shutdown
+            }
+        },
+        VmEvent::Panic(line) => GuestExit::Panic(line),
+        VmEvent::Fatal(msg) => GuestExit::Crashed(msg),
+    };
+    tracing::info!(?exit, run_ms = started.elapsed().as_millis() as u64, "guest ended");
+    Ok(exit)
+}
+
+/// Sets `stop` and interrupts KVM_RUN on every vCPU thread until each has
+/// returned. A signal can land just before a thread enters KVM_RUN, so it is
+/// repeated until the thread is seen to finish.
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<std::thread::JoinHandle<()>>) {
+    stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut pending = threads;
+    while !pending.is_empty() && Instant::now() < deadline {
+        for t in &pending {
+            // SAFETY: the thread handle is live (not joined), so its pthread_t is valid.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), SIGRTMIN()) };
+        }
+        std::thread::sleep(Duration::from_millis(1));
+        let (done, rest): (Vec<_>, Vec<_>) = pending.into_iter().partition(|t| t.is_finished());
+        for t in done {
+            let _ = t.join();
+        }
+        pending = rest;
+    }
+    if !pending.is_empty() {
+        tracing::warn!(count = pending.len(), "vCPU threads did not stop; leaving them to process exit");
+    }
+}

@@ -1,0 +1,76 @@
+//! `hearth-vmm`: boot a kernel and initramfs in a KVM VM from the command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use hearth_vmm::config::{Console, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS};
+use hearth_vmm::{GuestExit, EXIT_VMM_ERROR};
+
+/// Boot a Linux kernel in a KVM virtual machine, with the serial console on
+/// stdout (or a file). The VM ends when the guest reboots or powers off.
+///
+/// Exit status: 0 the guest shut down, 1 the VMM failed (the message says
+/// why and what to do), 2 bad arguments, 3 the guest kernel panicked,
+/// 4 the guest crashed its vCPU.
+#[derive(Parser, Debug)]
+#[command(name = "hearth-vmm", version)]
+struct Args {
+    /// Kernel image: an ELF vmlinux (booted through PVH) or a bzImage.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs (a cpio archive, optionally compressed).
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// Extra kernel command line, appended to the defaults so it can override them.
+    #[arg(long, default_value = "", long_help = format!(
+        "Extra kernel command line, appended after the defaults ({DEFAULT_CMDLINE}) \
+         so any of them can be overridden, e.g. `loglevel=8` for a verbose boot."))]
+    cmdline: String,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = DEFAULT_MEMORY_MIB)]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = DEFAULT_VCPUS)]
+    cpus: u8,
+    /// Where the serial console goes: `stdout`, `off`, or a file path.
+    #[arg(long, default_value = "stdout")]
+    console: String,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let args = Args::parse();
+    let config = VmConfig {
+        kernel: args.kernel,
+        initramfs: args.initramfs,
+        cmdline: args.cmdline,
+        memory_mib: args.memory,
+        vcpus: args.cpus,
+        console: match args.console.as_str() {
+            "stdout" => Console::Stdout,
+            "off" => Console::Off,
+            path => Console::File(path.into()),
+        },
+    };
+    match hearth_vmm::run(&config) {
+        Ok(exit) => {
+            match &exit {
+                GuestExit::Shutdown => {}
+                GuestExit::Panic(line) => eprintln!("hearth-vmm: the guest kernel panicked: {line}"),
+                GuestExit::Crashed(msg) => eprintln!("hearth-vmm: the guest crashed: {msg}"),
+            }
+            ExitCode::from(exit.code() as u8)
+        }
+        Err(e) => {
+            eprintln!("hearth-vmm: error: {e}");
+            ExitCode::from(EXIT_VMM_ERROR as u8)
+        }
+    }
+}
