@@ -1,0 +1,149 @@
+//! Helpers of hearth's end-to-end suites. The suites are run by
+//! `cargo xtask e2e <suite>`, which builds the binaries and guest images,
+//! decides whether this host can run them directly (hardware KVM) or needs
+//! the test host, and passes every path in `HEARTH_*` environment variables.
+//! Run by hand without those, a suite fails and says how to run it.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Paths the xtask hands to the suites.
+pub struct Env {
+    pub vmm: PathBuf,
+    pub vmlinux: PathBuf,
+    pub bzimage: PathBuf,
+    pub kernel_release: String,
+    pub boot_initramfs: PathBuf,
+}
+
+fn var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: the end-to-end suites need the built VMM, kernel and guest \
+             images; run them with `cargo xtask e2e <suite>` (or `cargo xtask test`)"
+        )
+    })
+}
+
+impl Env {
+    pub fn get() -> Env {
+        Env {
+            vmm: var("HEARTH_VMM").into(),
+            vmlinux: var("HEARTH_KERNEL_VMLINUX").into(),
+            bzimage: var("HEARTH_KERNEL_BZIMAGE").into(),
+            kernel_release: var("HEARTH_KERNEL_RELEASE"),
+            boot_initramfs: var("HEARTH_BOOT_INITRAMFS").into(),
+        }
+    }
+}
+
+/// What a finished (or killed) process left behind.
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    /// True when the hang guard had to kill it.
+    pub killed: bool,
+}
+
+impl Finished {
+    /// `HEARTH-<FACT>: value` lines the guest printed.
+    pub fn facts(&self) -> HashMap<String, String> {
+        self.stdout
+            .lines()
+            .filter_map(|l| l.trim_end_matches('\r').strip_prefix("HEARTH-"))
+            .filter_map(|l| l.split_once(": "))
+            .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+            .collect()
+    }
+
+    pub fn fact(&self, name: &str) -> String {
+        self.facts().remove(name).unwrap_or_else(|| {
+            panic!(
+                "the guest did not report {name}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `cmd` to its end, killing it after `hang_guard` (a guard against a
+/// hang, not a timing assertion: it is generous on purpose).
+pub fn run(cmd: &mut Command, hang_guard: Duration) -> Finished {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let started = Instant::now();
+    let mut killed = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for the child") {
+            break status;
+        }
+        if started.elapsed() > hang_guard {
+            let _ = child.kill();
+            killed = true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Finished {
+        status,
+        stdout: out_t.join().unwrap(),
+        stderr: err_t.join().unwrap(),
+        killed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn facts_are_parsed_from_console_lines() {
+        let f = run(
+            Command::new("/bin/sh").args([
+                "-c",
+                "echo 'noise'; printf 'HEARTH-UNAME: 6.12-hearth\\r\\n'; echo 'HEARTH-NPROC: 2'",
+            ]),
+            Duration::from_secs(60),
+        );
+        assert!(f.status.success() && !f.killed);
+        assert_eq!(f.fact("UNAME"), "6.12-hearth");
+        assert_eq!(f.fact("NPROC"), "2");
+        assert!(!f.facts().contains_key("noise"));
+    }
+
+    #[test]
+    fn hang_guard_kills() {
+        let f = run(
+            Command::new("/bin/sleep").arg("30"),
+            Duration::from_millis(200),
+        );
+        assert!(f.killed);
+        assert!(!f.status.success());
+    }
+}

@@ -28,6 +28,8 @@ pub struct VmConfig {
     pub memory_mib: u64,
     pub vcpus: u8,
     pub console: Console,
+    /// Feed this process's stdin to the guest's serial console.
+    pub console_input: bool,
 }
 
 impl VmConfig {
@@ -39,6 +41,7 @@ impl VmConfig {
             memory_mib: DEFAULT_MEMORY_MIB,
             vcpus: DEFAULT_VCPUS,
             console: Console::Stdout,
+            console_input: false,
         }
     }
 }

@@ -81,7 +81,10 @@ pub enum Error {
     #[error("this KVM lacks {0}, which hearth needs")]
     KvmCapability(&'static str),
     #[error("KVM could not {what}: {source}")]
-    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error(transparent)]
     Vm(#[from] vstate::vm::Error),
     #[error(transparent)]
@@ -91,7 +94,10 @@ pub enum Error {
     #[error(transparent)]
     Mptable(#[from] arch::mptable::Error),
     #[error("cannot open the console log {path}: {source}")]
-    ConsoleLog { path: String, source: std::io::Error },
+    ConsoleLog {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("setting up the VMM: {0}")]
     Setup(String),
 }
@@ -125,9 +131,12 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
 
     let out: Box<dyn Write + Send> = match &config.console {
         Console::Stdout => Box::new(std::io::stdout()),
-        Console::File(path) => Box::new(
-            File::create(path).map_err(|source| Error::ConsoleLog { path: path.display().to_string(), source })?,
-        ),
+        Console::File(path) => {
+            Box::new(File::create(path).map_err(|source| Error::ConsoleLog {
+                path: path.display().to_string(),
+                source,
+            })?)
+        }
         Console::Off => Box::new(std::io::sink()),
     };
     let sink = ConsoleSink::new(out, events.clone());
@@ -135,12 +144,21 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
     let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Setup(format!("eventfd: {e}")))?;
     vm.fd
         .register_irqfd(&irq, serial::COM1_IRQ)
-        .map_err(|source| Error::Kvm { what: "register the serial irqfd", source })?;
+        .map_err(|source| Error::Kvm {
+            what: "register the serial irqfd",
+            source,
+        })?;
     let console = Arc::new(SerialConsole::new(IrqTrigger(irq), sink));
 
     let mut pio = Bus::default();
     pio.insert(serial::COM1_PORT, serial::COM1_LEN, console.clone())
-        .and_then(|_| pio.insert(i8042::I8042_PORT, i8042::I8042_LEN, Arc::new(I8042::new(events.clone()))))
+        .and_then(|_| {
+            pio.insert(
+                i8042::I8042_PORT,
+                i8042::I8042_LEN,
+                Arc::new(I8042::new(events.clone())),
+            )
+        })
         .map_err(|e| Error::Setup(e.to_string()))?;
     let pio = Arc::new(pio);
     let mmio = Arc::new(Bus::default());
@@ -169,16 +187,25 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
 
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| Error::Kvm { what: "report its supported CPUID", source })?;
+        .map_err(|source| Error::Kvm {
+            what: "report its supported CPUID",
+            source,
+        })?;
     let mut vcpus = Vec::new();
     for id in 0..config.vcpus {
         let vcpu = Vcpu::new(&vm.fd, id, pio.clone(), mmio.clone(), events.clone())?;
-        vcpu.configure(&supported, config.vcpus, &vm.memory, (id == 0).then_some(loaded.entry))?;
+        vcpu.configure(
+            &supported,
+            config.vcpus,
+            &vm.memory,
+            (id == 0).then_some(loaded.entry),
+        )?;
         vcpus.push(vcpu);
     }
 
     extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-    register_signal_handler(SIGRTMIN(), kick).map_err(|e| Error::Setup(format!("signal handler: {e}")))?;
+    register_signal_handler(SIGRTMIN(), kick)
+        .map_err(|e| Error::Setup(format!("signal handler: {e}")))?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
@@ -190,10 +217,18 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
             .map_err(|e| Error::Setup(format!("spawning a vCPU thread: {e}")))?;
         threads.push(thread);
     }
-    tracing::info!(setup_ms = started.elapsed().as_millis() as u64, "vCPUs started");
+    if config.console_input {
+        spawn_console_input(console.clone())?;
+    }
+    tracing::info!(
+        setup_ms = started.elapsed().as_millis() as u64,
+        "vCPUs started"
+    );
     drop(events);
 
-    let event = event_rx.recv().unwrap_or(VmEvent::Fatal("every vCPU stopped without a reason".into()));
+    let event = event_rx
+        .recv()
+        .unwrap_or(VmEvent::Fatal("every vCPU stopped without a reason".into()));
     stop_vcpus(&stop, threads);
     console.flush();
 
@@ -210,8 +245,35 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
         VmEvent::Panic(line) => GuestExit::Panic(line),
         VmEvent::Fatal(msg) => GuestExit::Crashed(msg),
     };
-    tracing::info!(?exit, run_ms = started.elapsed().as_millis() as u64, "guest ended");
+    tracing::info!(
+        ?exit,
+        run_ms = started.elapsed().as_millis() as u64,
+        "guest ended"
+    );
     Ok(exit)
+}
+
+/// Copies stdin into the serial console's receive FIFO, waiting while the
+/// guest has not drained it yet. Ends at end of input.
+fn spawn_console_input(console: Arc<SerialConsole>) -> Result<(), Error> {
+    use std::io::Read;
+    std::thread::Builder::new()
+        .name("console-in".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            let mut stdin = std::io::stdin().lock();
+            while let Ok(n @ 1..) = stdin.read(&mut buf) {
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    rest = &rest[console.input(rest)..];
+                    if !rest.is_empty() {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| Error::Setup(format!("spawning the console input thread: {e}")))
 }
 
 /// Sets `stop` and interrupts KVM_RUN on every vCPU thread until each has
@@ -234,6 +296,9 @@ fn stop_vcpus(stop: &AtomicBool, threads: Vec<std::thread::JoinHandle<()>>) {
         pending = rest;
     }
     if !pending.is_empty() {
-        tracing::warn!(count = pending.len(), "vCPU threads did not stop; leaving them to process exit");
+        tracing::warn!(
+            count = pending.len(),
+            "vCPU threads did not stop; leaving them to process exit"
+        );
     }
 }

@@ -8,7 +8,7 @@ use hearth_vmm::config::{Console, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB,
 use hearth_vmm::{GuestExit, EXIT_VMM_ERROR};
 
 /// Boot a Linux kernel in a KVM virtual machine, with the serial console on
-/// stdout (or a file). The VM ends when the guest reboots or powers off.
+/// stdin/stdout (or output to a file). The VM ends when the guest reboots.
 ///
 /// Exit status: 0 the guest shut down, 1 the VMM failed (the message says
 /// why and what to do), 2 bad arguments, 3 the guest kernel panicked,
@@ -47,6 +47,7 @@ fn main() -> ExitCode {
         )
         .init();
     let args = Args::parse();
+    let console_input = args.console == "stdout";
     let config = VmConfig {
         kernel: args.kernel,
         initramfs: args.initramfs,
@@ -58,12 +59,15 @@ fn main() -> ExitCode {
             "off" => Console::Off,
             path => Console::File(path.into()),
         },
+        console_input,
     };
     match hearth_vmm::run(&config) {
         Ok(exit) => {
             match &exit {
                 GuestExit::Shutdown => {}
-                GuestExit::Panic(line) => eprintln!("hearth-vmm: the guest kernel panicked: {line}"),
+                GuestExit::Panic(line) => {
+                    eprintln!("hearth-vmm: the guest kernel panicked: {line}")
+                }
                 GuestExit::Crashed(msg) => eprintln!("hearth-vmm: the guest crashed: {msg}"),
             }
             ExitCode::from(exit.code() as u8)

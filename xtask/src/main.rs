@@ -1,1 +1,120 @@
-fn main(){}
+//! hearth's project tasks. `cargo xtask --help` lists them.
+
+mod artefacts;
+mod bench;
+mod cpio;
+mod demo;
+mod e2e;
+mod guest;
+mod kernel;
+mod paths;
+mod place;
+mod progress;
+mod setup;
+mod sh;
+mod testhost;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::artefacts::Artefacts;
+use crate::sh::cmd;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "hearth's project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install and build everything the project needs (idempotent, cached).
+    Setup,
+    /// Build (or find in the cache) the tuned guest kernel only.
+    Kernel,
+    /// Run all tests: unit and integration tests, then every e2e suite.
+    Test,
+    /// Run one end-to-end suite (in the test host where KVM is not hardware-backed).
+    E2e { suite: String },
+    /// Run one benchmark; it prints its figures beside a reference, as ratios.
+    Bench { name: String },
+    /// Boot the utility VM and show its kernel beside the host's.
+    Demo,
+    /// Run a shell command inside the test host (for debugging suites).
+    Testhost { command: Vec<String> },
+    #[command(hide = true)]
+    BenchInner { name: String },
+    #[command(hide = true)]
+    DemoInner,
+}
+
+fn test() -> Result<()> {
+    setup::run()?;
+    // Unit and integration tests; the e2e suites' targets run below, where KVM can run them.
+    let ws = paths::workspace();
+    sh::run(
+        cmd("cargo")
+            .args([
+                "test",
+                "--release",
+                "--workspace",
+                "--exclude",
+                "hearth-e2e",
+            ])
+            .current_dir(&ws),
+    )?;
+    sh::run(
+        cmd("cargo")
+            .args(["test", "--release", "-p", "hearth-e2e", "--lib"])
+            .current_dir(&ws),
+    )?;
+    let artefacts = Artefacts::build()?;
+    let (mut passed, mut failed) = (0, Vec::new());
+    for suite in e2e::SUITES {
+        match e2e::run(suite, &artefacts) {
+            Ok(()) => passed += 1,
+            Err(e) => {
+                eprintln!("e2e suite {suite} failed: {e:#}");
+                failed.push(*suite);
+            }
+        }
+    }
+    println!("e2e: {passed} passed, {} failed", failed.len());
+    if !failed.is_empty() {
+        anyhow::bail!("failed e2e suites: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::Kernel => setup::apt().and_then(|_| kernel::ensure()).map(|_| ()),
+        Task::Test => test(),
+        Task::E2e { suite } => Artefacts::build().and_then(|a| e2e::run(&suite, &a)),
+        Task::Bench { name } => Artefacts::build().and_then(|a| bench::run(&name, &a)),
+        Task::Demo => setup::run().and_then(|_| Artefacts::build()).and_then(|a| demo::run(&a)),
+        Task::Testhost { command } => testhost::ensure_assets().and_then(|assets| {
+            let script = format!("export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root\n{}\n", command.join(" "));
+            let run = testhost::Run { name: "shell", script, memory_mib: 2048, timeout: Duration::from_secs(3600) };
+            match testhost::run(&assets, &run)? {
+                0 => Ok(()),
+                code => anyhow::bail!("the command exited with status {code}"),
+            }
+        }),
+        Task::BenchInner { name } => bench::inner(&name),
+        Task::DemoInner => demo::inner(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

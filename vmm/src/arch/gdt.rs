@@ -38,7 +38,11 @@ pub fn kvm_segment(table: &[u64], index: u16) -> kvm_segment {
     kvm_segment {
         base: ((e >> 16) & 0xff_ffff) | (((e >> 56) & 0xff) << 24),
         // KVM takes the limit in bytes: scale page-granular limits.
-        limit: if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit },
+        limit: if g == 1 {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        },
         selector: index * 8,
         type_: ((e >> 40) & 0xf) as u8,
         present,
@@ -61,7 +65,10 @@ mod tests {
     fn code64_segment_is_long_mode_flat() {
         let cs = kvm_segment(&GDT_64, 1);
         assert_eq!((cs.base, cs.limit, cs.selector), (0, 0xffff_ffff, 8));
-        assert_eq!((cs.type_, cs.present, cs.dpl, cs.s, cs.l, cs.db, cs.g), (0xb, 1, 0, 1, 1, 0, 1));
+        assert_eq!(
+            (cs.type_, cs.present, cs.dpl, cs.s, cs.l, cs.db, cs.g),
+            (0xb, 1, 0, 1, 1, 0, 1)
+        );
     }
 
     #[test]
@@ -69,7 +76,10 @@ mod tests {
         let cs = kvm_segment(&GDT_32, 1);
         assert_eq!((cs.l, cs.db, cs.limit), (0, 1, 0xffff_ffff));
         let tss = kvm_segment(&GDT_32, 3);
-        assert_eq!((tss.type_, tss.s, tss.limit, tss.selector), (0xb, 0, 0x67, 0x18));
+        assert_eq!(
+            (tss.type_, tss.s, tss.limit, tss.selector),
+            (0xb, 0, 0x67, 0x18)
+        );
         let null = kvm_segment(&GDT_32, 0);
         assert_eq!(null.unusable, 1);
     }

@@ -3,7 +3,10 @@
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
 
 use crate::arch::layout::KVM_TSS_ADDRESS;
 use crate::arch::memory::guest_regions;
@@ -11,7 +14,10 @@ use crate::arch::memory::guest_regions;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("KVM could not {what}: {source}")]
-    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error("allocating {size_mib} MiB of guest memory failed: {reason}")]
     Memory { size_mib: u64, reason: String },
 }
@@ -26,19 +32,32 @@ impl Vm {
     pub fn new(kvm: &Kvm, memory_size: u64) -> Result<Vm, Error> {
         let err = |what| move |source| Error::Kvm { what, source };
         let fd = kvm.create_vm().map_err(err("create a VM"))?;
-        fd.set_tss_address(KVM_TSS_ADDRESS).map_err(err("set the TSS address"))?;
-        fd.create_irq_chip().map_err(err("create the in-kernel irqchip"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        fd.create_pit2(pit).map_err(err("create the in-kernel PIT"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(err("set the TSS address"))?;
+        fd.create_irq_chip()
+            .map_err(err("create the in-kernel irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit)
+            .map_err(err("create the in-kernel PIT"))?;
 
-        let ranges: Vec<(GuestAddress, usize)> =
-            guest_regions(memory_size).into_iter().map(|(s, l)| (GuestAddress(s), l as usize)).collect();
-        let memory = GuestMemoryMmap::from_ranges(&ranges)
-            .map_err(|e| Error::Memory { size_mib: memory_size >> 20, reason: e.to_string() })?;
+        let ranges: Vec<(GuestAddress, usize)> = guest_regions(memory_size)
+            .into_iter()
+            .map(|(s, l)| (GuestAddress(s), l as usize))
+            .collect();
+        let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory {
+            size_mib: memory_size >> 20,
+            reason: e.to_string(),
+        })?;
         for (slot, region) in memory.iter().enumerate() {
             let host = region
                 .get_host_address(MemoryRegionAddress(0))
-                .map_err(|e| Error::Memory { size_mib: memory_size >> 20, reason: e.to_string() })?;
+                .map_err(|e| Error::Memory {
+                    size_mib: memory_size >> 20,
+                    reason: e.to_string(),
+                })?;
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
@@ -50,6 +69,10 @@ impl Vm {
             // lives as long as the VM, and slots do not overlap.
             unsafe { fd.set_user_memory_region(r) }.map_err(err("register guest memory"))?;
         }
-        Ok(Vm { fd, memory, memory_size })
+        Ok(Vm {
+            fd,
+            memory,
+            memory_size,
+        })
     }
 }

@@ -1,0 +1,82 @@
+//! The built things a suite, benchmark or demo uses, and how they travel to
+//! the place where it runs (environment variables, since the test host sees
+//! the same paths as this machine).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+use crate::sh::cmd;
+use crate::{guest, kernel, paths, sh};
+
+pub struct Artefacts {
+    pub vmm: PathBuf,
+    pub vmlinux: PathBuf,
+    pub bzimage: PathBuf,
+    pub kernel_release: String,
+    pub boot_initramfs: PathBuf,
+}
+
+impl Artefacts {
+    /// Builds the release binaries and finds the cached images (`cargo xtask
+    /// setup` makes those).
+    pub fn build() -> Result<Artefacts> {
+        sh::run(
+            cmd("cargo")
+                .args(["build", "--release", "-p", "hearth-vmm"])
+                .current_dir(paths::workspace()),
+        )?;
+        let k = kernel::find()?;
+        Ok(Artefacts {
+            vmm: paths::release_bin("hearth-vmm"),
+            vmlinux: k.vmlinux,
+            bzimage: k.bzimage,
+            kernel_release: k.release,
+            boot_initramfs: guest::find_boot_initramfs()?,
+        })
+    }
+
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("HEARTH_VMM", self.vmm.display().to_string()),
+            ("HEARTH_KERNEL_VMLINUX", self.vmlinux.display().to_string()),
+            ("HEARTH_KERNEL_BZIMAGE", self.bzimage.display().to_string()),
+            ("HEARTH_KERNEL_RELEASE", self.kernel_release.clone()),
+            (
+                "HEARTH_BOOT_INITRAMFS",
+                self.boot_initramfs.display().to_string(),
+            ),
+        ]
+    }
+
+    /// The inverse of [`Artefacts::env`], inside the place a task runs.
+    pub fn from_env() -> Result<Artefacts> {
+        let get = |k: &str| std::env::var(k).with_context(|| format!("{k} is not set"));
+        Ok(Artefacts {
+            vmm: get("HEARTH_VMM")?.into(),
+            vmlinux: get("HEARTH_KERNEL_VMLINUX")?.into(),
+            bzimage: get("HEARTH_KERNEL_BZIMAGE")?.into(),
+            kernel_release: get("HEARTH_KERNEL_RELEASE")?,
+            boot_initramfs: get("HEARTH_BOOT_INITRAMFS")?.into(),
+        })
+    }
+
+    /// A shell prologue exporting the environment, for the test host.
+    pub fn shell_exports(&self) -> String {
+        let mut s = String::from(
+            "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root\n",
+        );
+        if let Ok(filter) = std::env::var("HEARTH_LOG") {
+            s.push_str(&format!("export HEARTH_LOG={}\n", quote(&filter)));
+        }
+        for (k, v) in self.env() {
+            s.push_str(&format!("export {k}={}\n", quote(&v)));
+        }
+        s
+    }
+}
+
+/// Single-quotes a string for sh.
+pub fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}

@@ -1,0 +1,63 @@
+//! `cargo xtask e2e <suite>`: builds a suite of tests/e2e/ and runs it where
+//! our VMM can run (see place.rs).
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::artefacts::Artefacts;
+use crate::sh::cmd;
+use crate::{paths, place};
+
+pub const SUITES: &[&str] = &["boot"];
+
+/// Builds the test binary of `suite` and returns its path.
+fn build(suite: &str) -> Result<String> {
+    let out = cmd("cargo")
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "hearth-e2e",
+            "--test",
+            suite,
+            "--no-run",
+        ])
+        .args(["--message-format", "json-render-diagnostics"])
+        .current_dir(paths::workspace())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo")?;
+    if !out.status.success() {
+        bail!("building the {suite} suite failed");
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == suite)
+        .find_map(|v| v["executable"].as_str().map(String::from))
+        .with_context(|| format!("cargo did not report the {suite} test executable"))
+}
+
+pub fn run(suite: &str, artefacts: &Artefacts) -> Result<()> {
+    if !SUITES.contains(&suite) {
+        bail!(
+            "no e2e suite {suite:?}; the suites are: {}",
+            SUITES.join(", ")
+        );
+    }
+    let exe = build(suite)?;
+    // One test at a time: each boots a VM, and the machine has two cores.
+    let argv = vec![
+        exe,
+        "--test-threads=1".to_string(),
+        "--color=never".to_string(),
+    ];
+    place::run_ok(
+        &format!("e2e-{suite}"),
+        artefacts,
+        &argv,
+        2048,
+        Duration::from_secs(1800),
+    )
+}
