@@ -29,7 +29,6 @@ busybox mount -t devtmpfs dev /newroot/dev
 busybox mkdir -p /newroot/dev/pts /newroot/dev/shm
 busybox mount -t devpts devpts /newroot/dev/pts
 busybox mount -t tmpfs shm /newroot/dev/shm
-busybox mount -t tmpfs tmp /newroot/tmp
 busybox mount -t tmpfs run /newroot/run
 busybox mount -t cgroup2 cgroup2 /newroot/sys/fs/cgroup 2>/dev/null
 busybox mkdir -p "/newroot$run"
