@@ -17,12 +17,7 @@ fn boot(env: &Env, kernel: &std::path::Path, cpus: u8, memory_mib: u64, cmdline:
             .arg(kernel)
             .arg("--initramfs")
             .arg(&env.boot_initramfs)
-            .args([
-                "--cpus",
-                &cpus.to_string(),
-                "--memory",
-                &memory_mib.to_string(),
-            ])
+            .args(["--cpus", &cpus.to_string(), "--memory", &memory_mib.to_string()])
             .args(["--cmdline", cmdline]),
         HANG_GUARD,
     )
@@ -30,35 +25,17 @@ fn boot(env: &Env, kernel: &std::path::Path, cpus: u8, memory_mib: u64, cmdline:
 
 fn assert_guest_facts(env: &Env, f: &Finished, cpus: u8, memory_mib: u64) {
     assert!(!f.killed, "the VM hung:\n{}", f.describe());
-    assert_eq!(
-        f.status.code(),
-        Some(0),
-        "the VMM did not exit 0:\n{}",
-        f.describe()
-    );
+    assert_eq!(f.status.code(), Some(0), "the VMM did not exit 0:\n{}", f.describe());
     assert_eq!(f.fact("UNAME"), env.kernel_release, "guest uname -r");
-    let online = if cpus == 1 {
-        "0".to_string()
-    } else {
-        format!("0-{}", cpus - 1)
-    };
+    let online = if cpus == 1 { "0".to_string() } else { format!("0-{}", cpus - 1) };
     assert_eq!(f.fact("CPUS-ONLINE"), online, "online CPUs");
     assert_eq!(f.fact("NPROC"), cpus.to_string(), "nproc");
     let mem_kib: u64 = f.fact("MEMTOTAL-KB").parse().expect("MemTotal is a number");
     // MemTotal is RAM minus what the kernel reserves for itself: below the
     // VM's size, but not by more than a quarter.
-    assert!(
-        mem_kib <= memory_mib * 1024,
-        "MemTotal {mem_kib} KiB exceeds the VM's {memory_mib} MiB"
-    );
-    assert!(
-        mem_kib >= memory_mib * 1024 * 3 / 4,
-        "MemTotal {mem_kib} KiB is far below the VM's {memory_mib} MiB"
-    );
-    assert!(
-        f.stdout.contains("HEARTH-DONE"),
-        "the guest did not reach its end"
-    );
+    assert!(mem_kib <= memory_mib * 1024, "MemTotal {mem_kib} KiB exceeds the VM's {memory_mib} MiB");
+    assert!(mem_kib >= memory_mib * 1024 * 3 / 4, "MemTotal {mem_kib} KiB is far below the VM's {memory_mib} MiB");
+    assert!(f.stdout.contains("HEARTH-DONE"), "the guest did not reach its end");
 }
 
 #[test]
@@ -86,89 +63,36 @@ fn memory_and_vcpus_follow_the_options() {
 fn guest_kernel_panic_is_reported_with_its_own_exit_status() {
     let env = Env::get();
     // No init anywhere: the kernel panics, and with panic=-1 reboots at once.
-    let f = boot(
-        &env,
-        &env.vmlinux,
-        2,
-        256,
-        "rdinit=/nonexistent init=/nonexistent",
-    );
-    assert!(
-        !f.killed,
-        "a panicking guest must end the VMM:\n{}",
-        f.describe()
-    );
-    assert_eq!(
-        f.status.code(),
-        Some(3),
-        "exit status 3 means a guest panic:\n{}",
-        f.describe()
-    );
-    assert!(
-        f.stderr
-            .contains("the guest kernel panicked: Kernel panic - not syncing"),
-        "{}",
-        f.describe()
-    );
+    let f = boot(&env, &env.vmlinux, 2, 256, "rdinit=/nonexistent init=/nonexistent");
+    assert!(!f.killed, "a panicking guest must end the VMM:\n{}", f.describe());
+    assert_eq!(f.status.code(), Some(3), "exit status 3 means a guest panic:\n{}", f.describe());
+    assert!(f.stderr.contains("the guest kernel panicked: Kernel panic - not syncing"), "{}", f.describe());
 }
 
 #[test]
 fn guest_kernel_panic_without_reboot_still_ends_the_vm() {
     let env = Env::get();
     // panic=0 makes the kernel spin after panicking; the VMM must not hang.
-    let f = boot(
-        &env,
-        &env.vmlinux,
-        1,
-        256,
-        "panic=0 rdinit=/nonexistent init=/nonexistent",
-    );
-    assert!(
-        !f.killed,
-        "a guest spinning after a panic must end the VMM:\n{}",
-        f.describe()
-    );
+    let f = boot(&env, &env.vmlinux, 1, 256, "panic=0 rdinit=/nonexistent init=/nonexistent");
+    assert!(!f.killed, "a guest spinning after a panic must end the VMM:\n{}", f.describe());
     assert_eq!(f.status.code(), Some(3), "{}", f.describe());
 }
 
 #[test]
 fn missing_kernel_is_a_clear_error() {
     let env = Env::get();
-    let f = run(
-        Command::new(&env.vmm).args(["--kernel", "/nonexistent/vmlinux"]),
-        HANG_GUARD,
-    );
+    let f = run(Command::new(&env.vmm).args(["--kernel", "/nonexistent/vmlinux"]), HANG_GUARD);
     assert_eq!(f.status.code(), Some(1), "{}", f.describe());
-    assert!(
-        f.stderr.contains("/nonexistent/vmlinux does not exist"),
-        "{}",
-        f.describe()
-    );
+    assert!(f.stderr.contains("/nonexistent/vmlinux does not exist"), "{}", f.describe());
 }
 
 #[test]
 fn impossible_memory_size_is_a_clear_error() {
     let env = Env::get();
-    let f = run(
-        Command::new(&env.vmm)
-            .arg("--kernel")
-            .arg(&env.vmlinux)
-            .args(["--memory", "16"]),
-        HANG_GUARD,
-    );
+    let f = run(Command::new(&env.vmm).arg("--kernel").arg(&env.vmlinux).args(["--memory", "16"]), HANG_GUARD);
     assert_eq!(f.status.code(), Some(1), "{}", f.describe());
     assert!(f.stderr.contains("too little"), "{}", f.describe());
-    let f = run(
-        Command::new(&env.vmm)
-            .arg("--kernel")
-            .arg(&env.vmlinux)
-            .args(["--memory", "99999999"]),
-        HANG_GUARD,
-    );
+    let f = run(Command::new(&env.vmm).arg("--kernel").arg(&env.vmlinux).args(["--memory", "99999999"]), HANG_GUARD);
     assert_eq!(f.status.code(), Some(1), "{}", f.describe());
-    assert!(
-        f.stderr.contains("more than this host has"),
-        "{}",
-        f.describe()
-    );
+    assert!(f.stderr.contains("more than this host has"), "{}", f.describe());
 }

@@ -62,18 +62,12 @@ impl Finished {
 
     pub fn fact(&self, name: &str) -> String {
         self.facts().remove(name).unwrap_or_else(|| {
-            panic!(
-                "the guest did not report {name}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                self.stdout, self.stderr
-            )
+            panic!("the guest did not report {name}\n--- stdout ---\n{}\n--- stderr ---\n{}", self.stdout, self.stderr)
         })
     }
 
     pub fn describe(&self) -> String {
-        format!(
-            "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.status, self.stdout, self.stderr
-        )
+        format!("{}\n--- stdout ---\n{}\n--- stderr ---\n{}", self.status, self.stdout, self.stderr)
     }
 }
 
@@ -110,12 +104,7 @@ pub fn run(cmd: &mut Command, hang_guard: Duration) -> Finished {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    Finished {
-        status,
-        stdout: out_t.join().unwrap(),
-        stderr: err_t.join().unwrap(),
-        killed,
-    }
+    Finished { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap(), killed }
 }
 
 #[cfg(test)]
@@ -125,10 +114,8 @@ mod tests {
     #[test]
     fn facts_are_parsed_from_console_lines() {
         let f = run(
-            Command::new("/bin/sh").args([
-                "-c",
-                "echo 'noise'; printf 'HEARTH-UNAME: 6.12-hearth\\r\\n'; echo 'HEARTH-NPROC: 2'",
-            ]),
+            Command::new("/bin/sh")
+                .args(["-c", "echo 'noise'; printf 'HEARTH-UNAME: 6.12-hearth\\r\\n'; echo 'HEARTH-NPROC: 2'"]),
             Duration::from_secs(60),
         );
         assert!(f.status.success() && !f.killed);
@@ -139,10 +126,7 @@ mod tests {
 
     #[test]
     fn hang_guard_kills() {
-        let f = run(
-            Command::new("/bin/sleep").arg("30"),
-            Duration::from_millis(200),
-        );
+        let f = run(Command::new("/bin/sleep").arg("30"), Duration::from_millis(200));
         assert!(f.killed);
         assert!(!f.status.success());
     }

@@ -23,10 +23,7 @@ pub enum Error {
     )]
     KvmPermission { dev: PathBuf },
     #[error("cannot open {dev}: {source}")]
-    KvmOpen {
-        dev: PathBuf,
-        source: std::io::Error,
-    },
+    KvmOpen { dev: PathBuf, source: std::io::Error },
     #[error(
         "this host's KVM is PVM (module kvm_pvm is loaded, no kvm_intel/kvm_amd): it runs \
          only guest kernels built as PVM guests, and a standard kernel such as hearth's \
@@ -35,21 +32,13 @@ pub enum Error {
          emulated AMD SVM, where this VMM runs unchanged)"
     )]
     PvmOnly,
-    #[error(
-        "the {what} {path} does not exist; build it with `cargo xtask setup` or pass another path"
-    )]
+    #[error("the {what} {path} does not exist; build it with `cargo xtask setup` or pass another path")]
     Missing { what: &'static str, path: PathBuf },
     #[error("the {what} {path} cannot be read: {source}")]
-    Unreadable {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Unreadable { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("the {what} {path} is not a regular file")]
     NotAFile { what: &'static str, path: PathBuf },
-    #[error(
-        "{mib} MiB of guest memory is too little: the guest needs at least {MIN_MEMORY_MIB} MiB"
-    )]
+    #[error("{mib} MiB of guest memory is too little: the guest needs at least {MIN_MEMORY_MIB} MiB")]
     MemoryTooSmall { mib: u64 },
     #[error("{mib} MiB of guest memory is more than this host has ({host_mib} MiB)")]
     MemoryTooBig { mib: u64, host_mib: u64 },
@@ -66,11 +55,7 @@ pub struct Host {
 
 impl Default for Host {
     fn default() -> Self {
-        Host {
-            kvm_dev: "/dev/kvm".into(),
-            sys_module: "/sys/module".into(),
-            meminfo: "/proc/meminfo".into(),
-        }
+        Host { kvm_dev: "/dev/kvm".into(), sys_module: "/sys/module".into(), meminfo: "/proc/meminfo".into() }
     }
 }
 
@@ -87,15 +72,11 @@ impl Host {
             return Err(Error::PvmOnly);
         }
         let dev = self.kvm_dev.clone();
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&dev)
-            .map_err(|source| match source.kind() {
-                ErrorKind::NotFound => Error::NoKvm { dev },
-                ErrorKind::PermissionDenied => Error::KvmPermission { dev },
-                _ => Error::KvmOpen { dev, source },
-            })
+        OpenOptions::new().read(true).write(true).open(&dev).map_err(|source| match source.kind() {
+            ErrorKind::NotFound => Error::NoKvm { dev },
+            ErrorKind::PermissionDenied => Error::KvmPermission { dev },
+            _ => Error::KvmOpen { dev, source },
+        })
     }
 
     fn memtotal_mib(&self) -> Option<u64> {
@@ -112,16 +93,11 @@ impl Host {
             check_file("initramfs", initramfs)?;
         }
         if config.memory_mib < MIN_MEMORY_MIB {
-            return Err(Error::MemoryTooSmall {
-                mib: config.memory_mib,
-            });
+            return Err(Error::MemoryTooSmall { mib: config.memory_mib });
         }
         if let Some(host_mib) = self.memtotal_mib() {
             if config.memory_mib > host_mib {
-                return Err(Error::MemoryTooBig {
-                    mib: config.memory_mib,
-                    host_mib,
-                });
+                return Err(Error::MemoryTooBig { mib: config.memory_mib, host_mib });
             }
         }
         if config.vcpus == 0 || config.vcpus > MAX_CPUS {
@@ -133,27 +109,13 @@ impl Host {
 
 fn check_file(what: &'static str, path: &Path) -> Result<(), Error> {
     let meta = std::fs::metadata(path).map_err(|source| match source.kind() {
-        ErrorKind::NotFound => Error::Missing {
-            what,
-            path: path.into(),
-        },
-        _ => Error::Unreadable {
-            what,
-            path: path.into(),
-            source,
-        },
+        ErrorKind::NotFound => Error::Missing { what, path: path.into() },
+        _ => Error::Unreadable { what, path: path.into(), source },
     })?;
     if !meta.is_file() {
-        return Err(Error::NotAFile {
-            what,
-            path: path.into(),
-        });
+        return Err(Error::NotAFile { what, path: path.into() });
     }
-    File::open(path).map_err(|source| Error::Unreadable {
-        what,
-        path: path.into(),
-        source,
-    })?;
+    File::open(path).map_err(|source| Error::Unreadable { what, path: path.into(), source })?;
     Ok(())
 }
 
@@ -164,24 +126,15 @@ mod tests {
     struct Tree(PathBuf);
     impl Tree {
         fn new(name: &str) -> Tree {
-            let p =
-                std::env::temp_dir().join(format!("hearth-checks-{name}-{}", std::process::id()));
+            let p = std::env::temp_dir().join(format!("hearth-checks-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&p);
             std::fs::create_dir_all(p.join("module")).unwrap();
-            std::fs::write(
-                p.join("meminfo"),
-                "MemTotal:        2097152 kB\nMemFree: 1 kB\n",
-            )
-            .unwrap();
+            std::fs::write(p.join("meminfo"), "MemTotal:        2097152 kB\nMemFree: 1 kB\n").unwrap();
             std::fs::write(p.join("vmlinux"), b"kernel").unwrap();
             Tree(p)
         }
         fn host(&self) -> Host {
-            Host {
-                kvm_dev: self.0.join("kvm"),
-                sys_module: self.0.join("module"),
-                meminfo: self.0.join("meminfo"),
-            }
+            Host { kvm_dev: self.0.join("kvm"), sys_module: self.0.join("module"), meminfo: self.0.join("meminfo") }
         }
     }
     impl Drop for Tree {
@@ -217,18 +170,9 @@ mod tests {
         host.check_config(&c).unwrap();
 
         c.memory_mib = 16;
-        assert!(matches!(
-            host.check_config(&c),
-            Err(Error::MemoryTooSmall { mib: 16 })
-        ));
+        assert!(matches!(host.check_config(&c), Err(Error::MemoryTooSmall { mib: 16 })));
         c.memory_mib = 4096;
-        assert!(matches!(
-            host.check_config(&c),
-            Err(Error::MemoryTooBig {
-                mib: 4096,
-                host_mib: 2048
-            })
-        ));
+        assert!(matches!(host.check_config(&c), Err(Error::MemoryTooBig { mib: 4096, host_mib: 2048 })));
         c.memory_mib = 256;
         c.vcpus = 0;
         assert!(matches!(host.check_config(&c), Err(Error::VcpuCount(0))));
@@ -237,13 +181,7 @@ mod tests {
         c.vcpus = 2;
         c.initramfs = Some(t.0.join("nope.cpio"));
         let err = host.check_config(&c).unwrap_err();
-        assert!(matches!(
-            err,
-            Error::Missing {
-                what: "initramfs",
-                ..
-            }
-        ));
+        assert!(matches!(err, Error::Missing { what: "initramfs", .. }));
         assert!(err.to_string().contains("cargo xtask setup"));
         c.initramfs = Some(t.0.clone());
         assert!(matches!(host.check_config(&c), Err(Error::NotAFile { .. })));

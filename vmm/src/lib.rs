@@ -22,6 +22,7 @@ pub mod arch;
 pub mod boot;
 pub mod checks;
 pub mod config;
+pub mod device_manager;
 pub mod devices;
 pub mod vstate;
 
@@ -81,10 +82,7 @@ pub enum Error {
     #[error("this KVM lacks {0}, which hearth needs")]
     KvmCapability(&'static str),
     #[error("KVM could not {what}: {source}")]
-    Kvm {
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
     #[error(transparent)]
     Vm(#[from] vstate::vm::Error),
     #[error(transparent)]
@@ -94,10 +92,11 @@ pub enum Error {
     #[error(transparent)]
     Mptable(#[from] arch::mptable::Error),
     #[error("cannot open the console log {path}: {source}")]
-    ConsoleLog {
-        path: String,
-        source: std::io::Error,
-    },
+    ConsoleLog { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Devices(#[from] device_manager::Error),
+    #[error("cannot open the disk {path}: {source}")]
+    Disk { path: String, source: std::io::Error },
     #[error("setting up the VMM: {0}")]
     Setup(String),
 }
@@ -131,12 +130,9 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
 
     let out: Box<dyn Write + Send> = match &config.console {
         Console::Stdout => Box::new(std::io::stdout()),
-        Console::File(path) => {
-            Box::new(File::create(path).map_err(|source| Error::ConsoleLog {
-                path: path.display().to_string(),
-                source,
-            })?)
-        }
+        Console::File(path) => Box::new(
+            File::create(path).map_err(|source| Error::ConsoleLog { path: path.display().to_string(), source })?,
+        ),
         Console::Off => Box::new(std::io::sink()),
     };
     let sink = ConsoleSink::new(out, events.clone());
@@ -144,42 +140,37 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
     let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Setup(format!("eventfd: {e}")))?;
     vm.fd
         .register_irqfd(&irq, serial::COM1_IRQ)
-        .map_err(|source| Error::Kvm {
-            what: "register the serial irqfd",
-            source,
-        })?;
+        .map_err(|source| Error::Kvm { what: "register the serial irqfd", source })?;
     let console = Arc::new(SerialConsole::new(IrqTrigger(irq), sink));
 
     let mut pio = Bus::default();
     pio.insert(serial::COM1_PORT, serial::COM1_LEN, console.clone())
-        .and_then(|_| {
-            pio.insert(
-                i8042::I8042_PORT,
-                i8042::I8042_LEN,
-                Arc::new(I8042::new(events.clone())),
-            )
-        })
+        .and_then(|_| pio.insert(i8042::I8042_PORT, i8042::I8042_LEN, Arc::new(I8042::new(events.clone()))))
         .map_err(|e| Error::Setup(e.to_string()))?;
     let pio = Arc::new(pio);
-    let mmio = Arc::new(Bus::default());
+
+    let mut mmio = Bus::default();
+    let mut devices = device_manager::DeviceManager::default();
+    for disk in &config.disks {
+        let block = devices::virtio::block::Block::new(disk.clone())
+            .map_err(|source| Error::Disk { path: disk.path.display().to_string(), source })?;
+        devices.attach(&vm.fd, &vm.memory, &mut mmio, Box::new(block))?;
+    }
+    let mmio = Arc::new(mmio);
 
     let table = arch::mptable::build(config.vcpus)?;
     vm.memory
         .write_slice(&table, GuestAddress(arch::mptable::mptable_address()))
         .map_err(|e| Error::Setup(format!("writing the MP table: {e}")))?;
-    let cmdline = boot::build_cmdline(DEFAULT_CMDLINE, &config.cmdline)?;
-    let loaded = boot::load(
-        &vm.memory,
-        vm.memory_size,
-        &config.kernel,
-        config.initramfs.as_deref(),
-        &cmdline,
-    )?;
+    let defaults = format!("{DEFAULT_CMDLINE} {}", devices.cmdline());
+    let cmdline = boot::build_cmdline(&defaults, &config.cmdline)?;
+    let loaded = boot::load(&vm.memory, vm.memory_size, &config.kernel, config.initramfs.as_deref(), &cmdline)?;
     tracing::info!(
         kernel = %config.kernel.display(),
         format = ?loaded.format,
         entry = ?loaded.entry,
         initramfs = ?loaded.initramfs,
+        cmdline = %cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default(),
         vcpus = config.vcpus,
         memory_mib = config.memory_mib,
         "kernel loaded"
@@ -187,25 +178,16 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
 
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| Error::Kvm {
-            what: "report its supported CPUID",
-            source,
-        })?;
+        .map_err(|source| Error::Kvm { what: "report its supported CPUID", source })?;
     let mut vcpus = Vec::new();
     for id in 0..config.vcpus {
         let vcpu = Vcpu::new(&vm.fd, id, pio.clone(), mmio.clone(), events.clone())?;
-        vcpu.configure(
-            &supported,
-            config.vcpus,
-            &vm.memory,
-            (id == 0).then_some(loaded.entry),
-        )?;
+        vcpu.configure(&supported, config.vcpus, &vm.memory, (id == 0).then_some(loaded.entry))?;
         vcpus.push(vcpu);
     }
 
     extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-    register_signal_handler(SIGRTMIN(), kick)
-        .map_err(|e| Error::Setup(format!("signal handler: {e}")))?;
+    register_signal_handler(SIGRTMIN(), kick).map_err(|e| Error::Setup(format!("signal handler: {e}")))?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
@@ -220,16 +202,12 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
     if config.console_input {
         spawn_console_input(console.clone())?;
     }
-    tracing::info!(
-        setup_ms = started.elapsed().as_millis() as u64,
-        "vCPUs started"
-    );
+    tracing::info!(setup_ms = started.elapsed().as_millis() as u64, "vCPUs started");
     drop(events);
 
-    let event = event_rx
-        .recv()
-        .unwrap_or(VmEvent::Fatal("every vCPU stopped without a reason".into()));
+    let event = event_rx.recv().unwrap_or(VmEvent::Fatal("every vCPU stopped without a reason".into()));
     stop_vcpus(&stop, threads);
+    devices.shutdown();
     console.flush();
 
     let exit = match event {
@@ -245,11 +223,7 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
         VmEvent::Panic(line) => GuestExit::Panic(line),
         VmEvent::Fatal(msg) => GuestExit::Crashed(msg),
     };
-    tracing::info!(
-        ?exit,
-        run_ms = started.elapsed().as_millis() as u64,
-        "guest ended"
-    );
+    tracing::info!(?exit, run_ms = started.elapsed().as_millis() as u64, "guest ended");
     Ok(exit)
 }
 
@@ -296,9 +270,6 @@ fn stop_vcpus(stop: &AtomicBool, threads: Vec<std::thread::JoinHandle<()>>) {
         pending = rest;
     }
     if !pending.is_empty() {
-        tracing::warn!(
-            count = pending.len(),
-            "vCPU threads did not stop; leaving them to process exit"
-        );
+        tracing::warn!(count = pending.len(), "vCPU threads did not stop; leaving them to process exit");
     }
 }

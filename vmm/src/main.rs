@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use hearth_vmm::config::{Console, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS};
+use hearth_vmm::config::{Console, DiskConfig, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS};
 use hearth_vmm::{GuestExit, EXIT_VMM_ERROR};
 
 /// Boot a Linux kernel in a KVM virtual machine, with the serial console on
@@ -36,6 +36,10 @@ struct Args {
     /// Where the serial console goes: `stdout`, `off`, or a file path.
     #[arg(long, default_value = "stdout")]
     console: String,
+    /// A virtio-blk disk backed by a raw image: `PATH[,ro]`. Repeat for more
+    /// disks; they appear in the guest as /dev/vda, /dev/vdb, ... in order.
+    #[arg(long = "disk", value_parser = DiskConfig::parse)]
+    disks: Vec<DiskConfig>,
 }
 
 fn main() -> ExitCode {
@@ -60,6 +64,7 @@ fn main() -> ExitCode {
             path => Console::File(path.into()),
         },
         console_input,
+        disks: args.disks,
     };
     match hearth_vmm::run(&config) {
         Ok(exit) => {

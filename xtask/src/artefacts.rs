@@ -21,11 +21,7 @@ impl Artefacts {
     /// Builds the release binaries and finds the cached images (`cargo xtask
     /// setup` makes those).
     pub fn build() -> Result<Artefacts> {
-        sh::run(
-            cmd("cargo")
-                .args(["build", "--release", "-p", "hearth-vmm"])
-                .current_dir(paths::workspace()),
-        )?;
+        sh::run(cmd("cargo").args(["build", "--release", "-p", "hearth-vmm"]).current_dir(paths::workspace()))?;
         let k = kernel::find()?;
         Ok(Artefacts {
             vmm: paths::release_bin("hearth-vmm"),
@@ -42,10 +38,7 @@ impl Artefacts {
             ("HEARTH_KERNEL_VMLINUX", self.vmlinux.display().to_string()),
             ("HEARTH_KERNEL_BZIMAGE", self.bzimage.display().to_string()),
             ("HEARTH_KERNEL_RELEASE", self.kernel_release.clone()),
-            (
-                "HEARTH_BOOT_INITRAMFS",
-                self.boot_initramfs.display().to_string(),
-            ),
+            ("HEARTH_BOOT_INITRAMFS", self.boot_initramfs.display().to_string()),
         ]
     }
 
@@ -63,9 +56,8 @@ impl Artefacts {
 
     /// A shell prologue exporting the environment, for the test host.
     pub fn shell_exports(&self) -> String {
-        let mut s = String::from(
-            "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root\n",
-        );
+        let mut s =
+            String::from("export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root\n");
         if let Ok(filter) = std::env::var("HEARTH_LOG") {
             s.push_str(&format!("export HEARTH_LOG={}\n", quote(&filter)));
         }

@@ -22,20 +22,11 @@ const DONE_MARKER: &str = "HEARTH-DONE";
 
 pub fn run(name: &str, artefacts: &Artefacts) -> Result<()> {
     if !BENCHES.contains(&name) {
-        bail!(
-            "no benchmark {name:?}; the benchmarks are: {}",
-            BENCHES.join(", ")
-        );
+        bail!("no benchmark {name:?}; the benchmarks are: {}", BENCHES.join(", "));
     }
     let me = std::env::current_exe()?.display().to_string();
     let argv = vec![me, "bench-inner".into(), name.into()];
-    place::run_ok(
-        &format!("bench-{name}"),
-        artefacts,
-        &argv,
-        2048,
-        Duration::from_secs(1800),
-    )
+    place::run_ok(&format!("bench-{name}"), artefacts, &argv, 2048, Duration::from_secs(1800))
 }
 
 pub fn inner(name: &str) -> Result<()> {
@@ -58,11 +49,7 @@ struct Sample {
 /// not exit by itself), and reads its peak RSS from wait4.
 fn measure(cmd: &mut Command) -> Result<Sample> {
     let started = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -80,9 +67,7 @@ fn measure(cmd: &mut Command) -> Result<Sample> {
         match rx.recv_timeout(left) {
             Ok((at, line)) if line.contains(INIT_MARKER) => to_init = Some(at - started),
             Ok((_, line)) if line.contains(DONE_MARKER) => break,
-            Ok((_, line)) if line.starts_with("HEARTH-NPROC: ") => {
-                nproc = line[14..].trim().to_string()
-            }
+            Ok((_, line)) if line.starts_with("HEARTH-NPROC: ") => nproc = line[14..].trim().to_string(),
             Ok(_) => {}
             Err(_) => break,
         }
@@ -108,11 +93,7 @@ fn measure(cmd: &mut Command) -> Result<Sample> {
         std::thread::sleep(Duration::from_millis(10));
     }
     let to_init = to_init.with_context(|| format!("{cmd:?} never reached the guest's init"))?;
-    Ok(Sample {
-        to_init,
-        max_rss_kib: usage.ru_maxrss as u64,
-        nproc,
-    })
+    Ok(Sample { to_init, max_rss_kib: usage.ru_maxrss as u64, nproc })
 }
 
 fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
@@ -121,51 +102,23 @@ fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
 }
 
 fn boot(a: &Artefacts) -> Result<()> {
-    let runs: usize = std::env::var("HEARTH_BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
+    let runs: usize = std::env::var("HEARTH_BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
     let (cpus, mem) = ("2", "256");
     let ours = || {
         let mut c = Command::new(&a.vmm);
-        c.arg("--kernel")
-            .arg(&a.vmlinux)
-            .arg("--initramfs")
-            .arg(&a.boot_initramfs);
+        c.arg("--kernel").arg(&a.vmlinux).arg("--initramfs").arg(&a.boot_initramfs);
         c.args(["--cpus", cpus, "--memory", mem]);
         c
     };
     let qemu = || {
         let mut c = Command::new("qemu-system-x86_64");
-        c.args([
-            "-M",
-            "microvm,x-option-roms=off,rtc=off,isa-serial=on",
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host",
-        ]);
-        c.args([
-            "-smp",
-            cpus,
-            "-m",
-            mem,
-            "-nodefaults",
-            "-no-user-config",
-            "-no-reboot",
-        ]);
+        c.args(["-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on", "-accel", "kvm", "-cpu", "host"]);
+        c.args(["-smp", cpus, "-m", mem, "-nodefaults", "-no-user-config", "-no-reboot"]);
         c.args(["-display", "none", "-monitor", "none", "-serial", "stdio"]);
-        c.arg("-kernel")
-            .arg(&a.vmlinux)
-            .arg("-initrd")
-            .arg(&a.boot_initramfs)
-            .args(["-append", CMDLINE]);
+        c.arg("-kernel").arg(&a.vmlinux).arg("-initrd").arg(&a.boot_initramfs).args(["-append", CMDLINE]);
         c
     };
-    println!(
-        "bench boot: {runs} runs each, {cpus} vCPUs, {mem} MiB, kernel {} (vmlinux, PVH)",
-        a.kernel_release
-    );
+    println!("bench boot: {runs} runs each, {cpus} vCPUs, {mem} MiB, kernel {} (vmlinux, PVH)", a.kernel_release);
     let (mut hearth, mut reference) = (Vec::new(), Vec::new());
     for i in 1..=runs {
         // Alternate, so drift in the machine's load hits both alike.
@@ -198,9 +151,6 @@ fn boot(a: &Artefacts) -> Result<()> {
         qr,
         hr as f64 / qr as f64
     );
-    println!(
-        "boot-to-init ratio hearth/qemu: {:.2}",
-        ht.as_secs_f64() / qt.as_secs_f64()
-    );
+    println!("boot-to-init ratio hearth/qemu: {:.2}", ht.as_secs_f64() / qt.as_secs_f64());
     Ok(())
 }

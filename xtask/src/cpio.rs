@@ -92,9 +92,7 @@ mod tests {
     #[test]
     fn entries_are_aligned_and_terminated() {
         let mut a = Archive::default();
-        a.dir("bin")
-            .file("init", 0o755, b"#!/bin/sh\n")
-            .char_dev("dev/console", 0o600, 5, 1);
+        a.dir("bin").file("init", 0o755, b"#!/bin/sh\n").char_dev("dev/console", 0o600, 5, 1);
         let data = a.finish();
         assert_eq!(data.len() % 4, 0);
         assert!(data.starts_with(b"070701"));

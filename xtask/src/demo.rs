@@ -14,13 +14,7 @@ pub fn run(artefacts: &Artefacts) -> Result<()> {
     let host = sh::output(Command::new("uname").arg("-r"))?;
     println!("host kernel (this machine): {host}");
     let me = std::env::current_exe()?.display().to_string();
-    place::run_ok(
-        "demo",
-        artefacts,
-        &[me, "demo-inner".into()],
-        1024,
-        Duration::from_secs(600),
-    )
+    place::run_ok("demo", artefacts, &[me, "demo-inner".into()], 1024, Duration::from_secs(600))
 }
 
 /// Runs in the place our VMM can run: boots the VM with its console on our
@@ -42,10 +36,7 @@ pub fn inner() -> Result<()> {
     if !out.status.success() {
         bail!("hearth-vmm failed ({})", out.status);
     }
-    let guest = console
-        .lines()
-        .find_map(|l| l.trim_end().strip_prefix("HEARTH-UNAME: "))
-        .unwrap_or("(not reported)");
+    let guest = console.lines().find_map(|l| l.trim_end().strip_prefix("HEARTH-UNAME: ")).unwrap_or("(not reported)");
     println!();
     if hostname == "hearth-testhost" {
         println!("test host kernel (QEMU, emulated AMD SVM): {here}");

@@ -14,15 +14,7 @@ pub const SUITES: &[&str] = &["boot"];
 /// Builds the test binary of `suite` and returns its path.
 fn build(suite: &str) -> Result<String> {
     let out = cmd("cargo")
-        .args([
-            "test",
-            "--release",
-            "-p",
-            "hearth-e2e",
-            "--test",
-            suite,
-            "--no-run",
-        ])
+        .args(["test", "--release", "-p", "hearth-e2e", "--test", suite, "--no-run"])
         .args(["--message-format", "json-render-diagnostics"])
         .current_dir(paths::workspace())
         .stderr(std::process::Stdio::inherit())
@@ -41,23 +33,10 @@ fn build(suite: &str) -> Result<String> {
 
 pub fn run(suite: &str, artefacts: &Artefacts) -> Result<()> {
     if !SUITES.contains(&suite) {
-        bail!(
-            "no e2e suite {suite:?}; the suites are: {}",
-            SUITES.join(", ")
-        );
+        bail!("no e2e suite {suite:?}; the suites are: {}", SUITES.join(", "));
     }
     let exe = build(suite)?;
     // One test at a time: each boots a VM, and the machine has two cores.
-    let argv = vec![
-        exe,
-        "--test-threads=1".to_string(),
-        "--color=never".to_string(),
-    ];
-    place::run_ok(
-        &format!("e2e-{suite}"),
-        artefacts,
-        &argv,
-        2048,
-        Duration::from_secs(1800),
-    )
+    let argv = vec![exe, "--test-threads=1".to_string(), "--color=never".to_string()];
+    place::run_ok(&format!("e2e-{suite}"), artefacts, &argv, 2048, Duration::from_secs(1800))
 }

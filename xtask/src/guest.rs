@@ -13,8 +13,7 @@ use crate::testhost::BUSYBOX;
 const BOOT_INIT: &str = include_str!("../../tests/guest/init.sh");
 
 fn boot_initramfs_path() -> Result<PathBuf> {
-    let busybox = std::fs::read(BUSYBOX)
-        .context("busybox-static is not installed: run `cargo xtask setup`")?;
+    let busybox = std::fs::read(BUSYBOX).context("busybox-static is not installed: run `cargo xtask setup`")?;
     let key = sh::key(&[BOOT_INIT.as_bytes(), &busybox]);
     Ok(paths::cache().join("initramfs").join(key).join("boot.cpio"))
 }
@@ -23,10 +22,7 @@ fn boot_initramfs_path() -> Result<PathBuf> {
 pub fn find_boot_initramfs() -> Result<PathBuf> {
     let path = boot_initramfs_path()?;
     if !path.exists() {
-        anyhow::bail!(
-            "no boot initramfs at {}: run `cargo xtask setup`",
-            path.display()
-        );
+        anyhow::bail!("no boot initramfs at {}: run `cargo xtask setup`", path.display());
     }
     Ok(path)
 }
@@ -46,10 +42,6 @@ pub fn ensure_boot_initramfs() -> Result<PathBuf> {
     a.symlink("bin/sh", "busybox");
     a.file("init", 0o755, BOOT_INIT.as_bytes());
     sh::write_atomic(&path, &a.finish())?;
-    eprintln!(
-        "==> boot initramfs {} ({} KiB)",
-        path.display(),
-        std::fs::metadata(&path)?.len() / 1024
-    );
+    eprintln!("==> boot initramfs {} ({} KiB)", path.display(), std::fs::metadata(&path)?.len() / 1024);
     Ok(path)
 }

@@ -46,44 +46,25 @@ fn cache_dir() -> Result<PathBuf> {
 /// The cached kernel, if it was built for the current inputs.
 pub fn find() -> Result<Kernel> {
     let dir = cache_dir()?;
-    let release = std::fs::read_to_string(dir.join("release")).with_context(|| {
-        format!(
-            "no tuned kernel in {}: run `cargo xtask setup`",
-            dir.display()
-        )
-    })?;
-    Ok(Kernel {
-        vmlinux: dir.join("vmlinux"),
-        bzimage: dir.join("bzImage"),
-        release: release.trim().to_string(),
-        dir,
-    })
+    let release = std::fs::read_to_string(dir.join("release"))
+        .with_context(|| format!("no tuned kernel in {}: run `cargo xtask setup`", dir.display()))?;
+    Ok(Kernel { vmlinux: dir.join("vmlinux"), bzimage: dir.join("bzImage"), release: release.trim().to_string(), dir })
 }
 
 /// Builds the kernel unless the cache already has it.
 pub fn ensure() -> Result<Kernel> {
     if let Ok(k) = find() {
-        eprintln!(
-            "==> tuned kernel {} (cached in {})",
-            k.release,
-            k.dir.display()
-        );
+        eprintln!("==> tuned kernel {} (cached in {})", k.release, k.dir.display());
         return Ok(k);
     }
     let dir = cache_dir()?;
     let version = source_version()?;
     let src = unpack_source(&version)?;
-    let build = paths::cache().join("kernel").join(format!(
-        "build-{}",
-        dir.file_name().unwrap().to_string_lossy()
-    ));
+    let build = paths::cache().join("kernel").join(format!("build-{}", dir.file_name().unwrap().to_string_lossy()));
     std::fs::create_dir_all(&build)?;
     let make = |args: &[&str]| {
         let mut c = cmd("make");
-        c.current_dir(&src)
-            .arg("ARCH=x86_64")
-            .arg(format!("O={}", build.display()))
-            .args(args);
+        c.current_dir(&src).arg("ARCH=x86_64").arg(format!("O={}", build.display())).args(args);
         c
     };
 
@@ -98,13 +79,10 @@ pub fn ensure() -> Result<Kernel> {
     sh::run(make(&["-s", "olddefconfig"]).stdout(Stdio::null()))?;
     verify_config(&build.join(".config"))?;
 
-    let jobs = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
+    let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let started = Instant::now();
-    let mut progress = Progress::new(&format!(
-        "building the tuned kernel from {SOURCE_PACKAGE} {version} (~10 min on 2 cores)"
-    ));
+    let mut progress =
+        Progress::new(&format!("building the tuned kernel from {SOURCE_PACKAGE} {version} (~10 min on 2 cores)"));
     let mut child = make(&[&format!("-j{jobs}"), "vmlinux", "bzImage"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -117,10 +95,7 @@ pub fn ensure() -> Result<Kernel> {
         }
     }
     if !child.wait()?.success() {
-        bail!(
-            "the kernel build failed; the log is above, the build tree in {}",
-            build.display()
-        );
+        bail!("the kernel build failed; the log is above, the build tree in {}", build.display());
     }
     let took = progress.finish("done");
     let release = sh::output(&mut make(&["-s", "kernelrelease"]))?;
@@ -149,20 +124,12 @@ fn unpack_source(version: &str) -> Result<PathBuf> {
         return Ok(src);
     }
     if !Path::new(SOURCE_TARBALL).exists() {
-        bail!(
-            "{SOURCE_TARBALL} is missing: run `cargo xtask setup` (it installs {SOURCE_PACKAGE})"
-        );
+        bail!("{SOURCE_TARBALL} is missing: run `cargo xtask setup` (it installs {SOURCE_PACKAGE})");
     }
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root)?;
     let p = Progress::new(&format!("unpacking {SOURCE_TARBALL}"));
-    sh::run(
-        cmd("tar")
-            .arg("-xf")
-            .arg(SOURCE_TARBALL)
-            .arg("-C")
-            .arg(&root),
-    )?;
+    sh::run(cmd("tar").arg("-xf").arg(SOURCE_TARBALL).arg("-C").arg(&root))?;
     std::fs::write(root.join(".unpacked"), "")?;
     p.finish("done");
     Ok(src)
@@ -182,14 +149,8 @@ pub fn verify_config(config: &Path) -> Result<()> {
             if !have.contains(line) {
                 wrong.push(format!("{line} (wanted, but not in the final config)"));
             }
-        } else if let Some(sym) = line
-            .strip_prefix("# ")
-            .and_then(|l| l.strip_suffix(" is not set"))
-        {
-            if let Some(set) = final_cfg
-                .lines()
-                .find(|l| l.starts_with(&format!("{sym}=")))
-            {
+        } else if let Some(sym) = line.strip_prefix("# ").and_then(|l| l.strip_suffix(" is not set")) {
+            if let Some(set) = final_cfg.lines().find(|l| l.starts_with(&format!("{sym}="))) {
                 wrong.push(format!("{set} (the fragment turns it off)"));
             }
         }

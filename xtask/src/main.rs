@@ -56,22 +56,8 @@ fn test() -> Result<()> {
     setup::run()?;
     // Unit and integration tests; the e2e suites' targets run below, where KVM can run them.
     let ws = paths::workspace();
-    sh::run(
-        cmd("cargo")
-            .args([
-                "test",
-                "--release",
-                "--workspace",
-                "--exclude",
-                "hearth-e2e",
-            ])
-            .current_dir(&ws),
-    )?;
-    sh::run(
-        cmd("cargo")
-            .args(["test", "--release", "-p", "hearth-e2e", "--lib"])
-            .current_dir(&ws),
-    )?;
+    sh::run(cmd("cargo").args(["test", "--release", "--workspace", "--exclude", "hearth-e2e"]).current_dir(&ws))?;
+    sh::run(cmd("cargo").args(["test", "--release", "-p", "hearth-e2e", "--lib"]).current_dir(&ws))?;
     let artefacts = Artefacts::build()?;
     let (mut passed, mut failed) = (0, Vec::new());
     for suite in e2e::SUITES {
@@ -100,7 +86,10 @@ fn main() -> ExitCode {
         Task::Bench { name } => Artefacts::build().and_then(|a| bench::run(&name, &a)),
         Task::Demo => setup::run().and_then(|_| Artefacts::build()).and_then(|a| demo::run(&a)),
         Task::Testhost { command } => testhost::ensure_assets().and_then(|assets| {
-            let script = format!("export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root\n{}\n", command.join(" "));
+            let script = format!(
+                "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root\n{}\n",
+                command.join(" ")
+            );
             let run = testhost::Run { name: "shell", script, memory_mib: 2048, timeout: Duration::from_secs(3600) };
             match testhost::run(&assets, &run)? {
                 0 => Ok(()),

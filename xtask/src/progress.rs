@@ -18,21 +18,13 @@ impl Progress {
     pub fn new(what: &str) -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = ProgressBar::new_spinner();
-            b.set_style(
-                ProgressStyle::with_template("{spinner} {prefix} [{elapsed}] {pos} {msg}").unwrap(),
-            );
+            b.set_style(ProgressStyle::with_template("{spinner} {prefix} [{elapsed}] {pos} {msg}").unwrap());
             b.set_prefix(what.to_string());
             b.enable_steady_tick(Duration::from_millis(120));
             b
         });
         eprintln!("==> {what}");
-        Progress {
-            bar,
-            what: what.into(),
-            started: Instant::now(),
-            last_line: Instant::now(),
-            count: 0,
-        }
+        Progress { bar, what: what.into(), started: Instant::now(), last_line: Instant::now(), count: 0 }
     }
 
     /// One more unit of work done, described by `msg`.
@@ -45,12 +37,7 @@ impl Progress {
             }
             None if self.last_line.elapsed() > Duration::from_secs(30) => {
                 self.last_line = Instant::now();
-                eprintln!(
-                    "    {}: {} steps, {}s ({msg})",
-                    self.what,
-                    self.count,
-                    self.started.elapsed().as_secs()
-                );
+                eprintln!("    {}: {} steps, {}s ({msg})", self.what, self.count, self.started.elapsed().as_secs());
             }
             None => {}
         }

@@ -17,14 +17,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("libssl-dev", "kernel build"),
     ("lz4", "the bzImage is lz4-compressed for a fast boot"),
     ("xz-utils", "unpacking the kernel source"),
-    (
-        "busybox-static",
-        "userland of the boot initramfs and of the test host",
-    ),
-    (
-        "qemu-system-x86",
-        "the test host, and the reference VMM of `bench boot`",
-    ),
+    ("busybox-static", "userland of the boot initramfs and of the test host"),
+    ("qemu-system-x86", "the test host, and the reference VMM of `bench boot`"),
 ];
 
 fn missing_packages() -> Vec<&'static str> {
@@ -46,12 +40,8 @@ pub fn apt() -> Result<()> {
         return Ok(());
     }
     eprintln!("==> installing Debian packages: {}", missing.join(" "));
-    sh::run(
-        cmd("apt-get")
-            .args(["update", "-q"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-    .context("apt-get update (setup needs root)")?;
+    sh::run(cmd("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))
+        .context("apt-get update (setup needs root)")?;
     sh::run(
         cmd("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
@@ -69,14 +59,7 @@ pub fn run() -> Result<()> {
     // The test host is needed wherever /dev/kvm is not hardware-backed, and
     // HEARTH_TESTHOST=always asks for it anywhere: prepare it always (cheap).
     testhost::ensure_assets()?;
-    sh::run(
-        cmd("cargo")
-            .args(["build", "--release", "--workspace"])
-            .current_dir(paths::workspace()),
-    )?;
-    eprintln!(
-        "==> setup complete; e2e suites will run {}",
-        testhost::describe(testhost::place())
-    );
+    sh::run(cmd("cargo").args(["build", "--release", "--workspace"]).current_dir(paths::workspace()))?;
+    eprintln!("==> setup complete; e2e suites will run {}", testhost::describe(testhost::place()));
     Ok(())
 }

@@ -52,11 +52,7 @@ pub fn place() -> Place {
     }
     let sys = Path::new("/sys/module");
     let hardware = sys.join("kvm_intel").exists() || sys.join("kvm_amd").exists();
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
+    let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
     if hardware && usable {
         Place::Direct
     } else {
@@ -80,9 +76,7 @@ fn kernel_package() -> Result<(String, String)> {
         .lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
         .find(|d| d.starts_with("linux-image-"))
-        .with_context(|| {
-            format!("apt knows no dependency of {KERNEL_METAPACKAGE}: run `apt-get update`")
-        })?
+        .with_context(|| format!("apt knows no dependency of {KERNEL_METAPACKAGE}: run `apt-get update`"))?
         .to_string();
     let uris = sh::output(cmd("apt-get").args(["download", "--print-uris", &pkg]))?;
     let file = uris
@@ -97,19 +91,10 @@ fn kernel_package() -> Result<(String, String)> {
 /// unless the cache has them for the same inputs.
 pub fn ensure_assets() -> Result<Assets> {
     let (pkg, deb) = kernel_package()?;
-    let busybox = std::fs::read(BUSYBOX)
-        .context("busybox-static is not installed: run `cargo xtask setup`")?;
-    let key = sh::key(&[
-        deb.as_bytes(),
-        INIT.as_bytes(),
-        MODULES.as_bytes(),
-        &busybox,
-    ]);
+    let busybox = std::fs::read(BUSYBOX).context("busybox-static is not installed: run `cargo xtask setup`")?;
+    let key = sh::key(&[deb.as_bytes(), INIT.as_bytes(), MODULES.as_bytes(), &busybox]);
     let dir = paths::cache().join("testhost").join(&key);
-    let assets = Assets {
-        kernel: dir.join("vmlinuz"),
-        initramfs: dir.join("initramfs.cpio"),
-    };
+    let assets = Assets { kernel: dir.join("vmlinuz"), initramfs: dir.join("initramfs.cpio") };
     if dir.join(".complete").exists() {
         eprintln!("==> test host assets ({pkg}, cached in {})", dir.display());
         return Ok(assets);
@@ -118,26 +103,14 @@ pub fn ensure_assets() -> Result<Assets> {
     let debs = paths::cache().join("testhost/debs");
     std::fs::create_dir_all(&debs)?;
     if !debs.join(&deb).exists() {
-        sh::run(
-            cmd("apt-get")
-                .args(["download", "-q", &pkg])
-                .current_dir(&debs),
-        )?;
+        sh::run(cmd("apt-get").args(["download", "-q", &pkg]).current_dir(&debs))?;
     }
     let unpacked = dir.join("unpacked");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&unpacked)?;
-    sh::run(
-        cmd("dpkg-deb")
-            .arg("-x")
-            .arg(debs.join(&deb))
-            .arg(&unpacked),
-    )?;
+    sh::run(cmd("dpkg-deb").arg("-x").arg(debs.join(&deb)).arg(&unpacked))?;
     let version = pkg.trim_start_matches("linux-image-");
-    std::fs::copy(
-        unpacked.join(format!("boot/vmlinuz-{version}")),
-        &assets.kernel,
-    )?;
+    std::fs::copy(unpacked.join(format!("boot/vmlinuz-{version}")), &assets.kernel)?;
 
     let mut a = Archive::default();
     for d in ["bin", "dev", "proc", "sys", "modules"] {
@@ -149,25 +122,14 @@ pub fn ensure_assets() -> Result<Assets> {
     a.file("init", 0o755, INIT.as_bytes());
     a.file("modules.txt", 0o644, MODULES.as_bytes());
     let moddir = unpacked.join(format!("lib/modules/{version}/kernel"));
-    for m in MODULES
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
+    for m in MODULES.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
         let name = Path::new(m).file_name().unwrap().to_string_lossy();
-        a.file_from(
-            &format!("modules/{name}.ko"),
-            0o644,
-            &moddir.join(format!("{m}.ko")),
-        )?;
+        a.file_from(&format!("modules/{name}.ko"), 0o644, &moddir.join(format!("{m}.ko")))?;
     }
     std::fs::write(&assets.initramfs, a.finish())?;
     std::fs::remove_dir_all(&unpacked)?;
     std::fs::write(dir.join(".complete"), &pkg)?;
-    p.finish(&format!(
-        "kernel {version}, initramfs {} KiB",
-        std::fs::metadata(&assets.initramfs)?.len() / 1024
-    ));
+    p.finish(&format!("kernel {version}, initramfs {} KiB", std::fs::metadata(&assets.initramfs)?.len() / 1024));
     Ok(assets)
 }
 
@@ -185,11 +147,7 @@ pub struct Run<'a> {
 /// Boots the test host, runs the script, streams its console to stdout and
 /// returns the script's exit status.
 pub fn run(assets: &Assets, run: &Run) -> Result<i32> {
-    let dir = std::env::temp_dir().join(format!(
-        "hearth-testhost-{}-{}",
-        run.name,
-        std::process::id()
-    ));
+    let dir = std::env::temp_dir().join(format!("hearth-testhost-{}-{}", run.name, std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("run.sh"), &run.script)?;
@@ -198,64 +156,30 @@ pub fn run(assets: &Assets, run: &Run) -> Result<i32> {
     let _ = std::fs::remove_dir_all(&dir);
     let timed_out = result?;
     if timed_out {
-        bail!(
-            "the test host did not finish within {}s and was killed",
-            run.timeout.as_secs()
-        );
+        bail!("the test host did not finish within {}s and was killed", run.timeout.as_secs());
     }
-    let status =
-        status.context("the test host ended without reporting a status (its console is above)")?;
-    status
-        .trim()
-        .parse()
-        .with_context(|| format!("bad status {status:?} from the test host"))
+    let status = status.context("the test host ended without reporting a status (its console is above)")?;
+    status.trim().parse().with_context(|| format!("bad status {status:?} from the test host"))
 }
 
 fn boot(assets: &Assets, run: &Run, dir: &Path) -> Result<bool> {
     let started = Instant::now();
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .min(4);
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(4);
     let mut child = cmd("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg,thread=multi",
-            "-cpu",
-            "EPYC,+svm",
-            "-smp",
-            &cpus.to_string(),
-        ])
+        .args(["-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm", "-smp", &cpus.to_string()])
         .args(["-m", &run.memory_mib.to_string()])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-no-reboot",
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-        ])
+        .args(["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none", "-monitor", "none"])
         .args(["-serial", "stdio"])
         .arg("-kernel")
         .arg(&assets.kernel)
         .arg("-initrd")
         .arg(&assets.initramfs)
         .arg("-append")
-        .arg(format!(
-            "console=ttyS0 loglevel=1 panic=-1 hearth.run={}",
-            dir.display()
-        ))
-        .args([
-            "-fsdev",
-            "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
-        ])
+        .arg(format!("console=ttyS0 loglevel=1 panic=-1 hearth.run={}", dir.display()))
+        .args(["-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap"])
         .args(["-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot"])
         .arg("-fsdev")
-        .arg(format!(
-            "local,id=run,path={},security_model=none",
-            dir.display()
-        ))
+        .arg(format!("local,id=run,path={},security_model=none", dir.display()))
         .args(["-device", "virtio-9p-pci,fsdev=run,mount_tag=hearthrun"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -302,10 +226,6 @@ fn boot(assets: &Assets, run: &Run, dir: &Path) -> Result<bool> {
     let _ = noise.join();
     done.store(true, Ordering::Release);
     let _ = watchdog.join();
-    eprintln!(
-        "    test host {} ended after {:.1}s ({status})",
-        run.name,
-        started.elapsed().as_secs_f64()
-    );
+    eprintln!("    test host {} ended after {:.1}s ({status})", run.name, started.elapsed().as_secs_f64());
     Ok(killed.load(Ordering::Acquire))
 }

@@ -17,9 +17,7 @@ pub fn patch_for_vcpu(cpuid: &mut CpuId, cpu_id: u8, cpu_count: u8) {
         match entry.function {
             LEAF_FEATURES => {
                 // EBX[31:24] initial APIC id, EBX[23:16] logical processors.
-                entry.ebx = (entry.ebx & 0x0000_ffff)
-                    | ((cpu_id as u32) << 24)
-                    | ((cpu_count as u32) << 16);
+                entry.ebx = (entry.ebx & 0x0000_ffff) | ((cpu_id as u32) << 24) | ((cpu_count as u32) << 16);
                 entry.ecx |= ECX_HYPERVISOR;
                 if cpu_count > 1 {
                     entry.edx |= EDX_HTT;
@@ -42,23 +40,9 @@ mod tests {
     #[test]
     fn apic_id_and_hypervisor_bit() {
         let entries = [
-            kvm_cpuid_entry2 {
-                function: 1,
-                ebx: 0xff00_0800,
-                edx: 0,
-                ..Default::default()
-            },
-            kvm_cpuid_entry2 {
-                function: 0xb,
-                index: 1,
-                edx: 0,
-                ..Default::default()
-            },
-            kvm_cpuid_entry2 {
-                function: 0x8000_001e,
-                eax: 0,
-                ..Default::default()
-            },
+            kvm_cpuid_entry2 { function: 1, ebx: 0xff00_0800, edx: 0, ..Default::default() },
+            kvm_cpuid_entry2 { function: 0xb, index: 1, edx: 0, ..Default::default() },
+            kvm_cpuid_entry2 { function: 0x8000_001e, eax: 0, ..Default::default() },
         ];
         let mut cpuid = CpuId::from_entries(&entries).unwrap();
         patch_for_vcpu(&mut cpuid, 3, 4);

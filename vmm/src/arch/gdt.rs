@@ -14,20 +14,12 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 }
 
 /// The flat 64-bit GDT: null, code (L=1), data, TSS.
-pub const GDT_64: [u64; 4] = [
-    gdt_entry(0, 0, 0),
-    gdt_entry(0xa09b, 0, 0xfffff),
-    gdt_entry(0xc093, 0, 0xfffff),
-    gdt_entry(0x808b, 0, 0xfffff),
-];
+pub const GDT_64: [u64; 4] =
+    [gdt_entry(0, 0, 0), gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)];
 
 /// The flat 32-bit GDT for PVH entry (protected mode, paging off).
-pub const GDT_32: [u64; 4] = [
-    gdt_entry(0, 0, 0),
-    gdt_entry(0xc09b, 0, 0xfffff),
-    gdt_entry(0xc093, 0, 0xfffff),
-    gdt_entry(0x008b, 0, 0x67),
-];
+pub const GDT_32: [u64; 4] =
+    [gdt_entry(0, 0, 0), gdt_entry(0xc09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x008b, 0, 0x67)];
 
 /// Translates GDT entry `index` of `table` into a `kvm_segment`.
 pub fn kvm_segment(table: &[u64], index: u16) -> kvm_segment {
@@ -38,11 +30,7 @@ pub fn kvm_segment(table: &[u64], index: u16) -> kvm_segment {
     kvm_segment {
         base: ((e >> 16) & 0xff_ffff) | (((e >> 56) & 0xff) << 24),
         // KVM takes the limit in bytes: scale page-granular limits.
-        limit: if g == 1 {
-            (raw_limit << 12) | 0xfff
-        } else {
-            raw_limit
-        },
+        limit: if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit },
         selector: index * 8,
         type_: ((e >> 40) & 0xf) as u8,
         present,
@@ -65,10 +53,7 @@ mod tests {
     fn code64_segment_is_long_mode_flat() {
         let cs = kvm_segment(&GDT_64, 1);
         assert_eq!((cs.base, cs.limit, cs.selector), (0, 0xffff_ffff, 8));
-        assert_eq!(
-            (cs.type_, cs.present, cs.dpl, cs.s, cs.l, cs.db, cs.g),
-            (0xb, 1, 0, 1, 1, 0, 1)
-        );
+        assert_eq!((cs.type_, cs.present, cs.dpl, cs.s, cs.l, cs.db, cs.g), (0xb, 1, 0, 1, 1, 0, 1));
     }
 
     #[test]
@@ -76,10 +61,7 @@ mod tests {
         let cs = kvm_segment(&GDT_32, 1);
         assert_eq!((cs.l, cs.db, cs.limit), (0, 1, 0xffff_ffff));
         let tss = kvm_segment(&GDT_32, 3);
-        assert_eq!(
-            (tss.type_, tss.s, tss.limit, tss.selector),
-            (0xb, 0, 0x67, 0x18)
-        );
+        assert_eq!((tss.type_, tss.s, tss.limit, tss.selector), (0xb, 0, 0x67, 0x18));
         let null = kvm_segment(&GDT_32, 0);
         assert_eq!(null.unusable, 1);
     }

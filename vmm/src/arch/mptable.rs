@@ -36,10 +36,7 @@ pub enum Error {
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes
-        .iter()
-        .fold(0u8, |acc, b| acc.wrapping_add(*b))
-        .wrapping_neg()
+    bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b)).wrapping_neg()
 }
 
 /// Builds the floating pointer followed by the configuration table, to be
@@ -84,16 +81,7 @@ pub fn build(num_cpus: u8) -> Result<Vec<u8>, Error> {
     entries += 1;
     // ISA IRQ n is IOAPIC pin n, matching KVM's default GSI routing.
     for irq in 0..IOAPIC_PINS {
-        table.extend_from_slice(&[
-            ENTRY_INTSRC,
-            IRQ_TYPE_INT,
-            0,
-            0,
-            ISA_BUS_ID,
-            irq,
-            ioapic_id,
-            irq,
-        ]);
+        table.extend_from_slice(&[ENTRY_INTSRC, IRQ_TYPE_INT, 0, 0, ISA_BUS_ID, irq, ioapic_id, irq]);
         entries += 1;
     }
     // The legacy PIC reaches LINT0 of every CPU as ExtINT, NMIs reach LINT1.

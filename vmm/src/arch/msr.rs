@@ -34,11 +34,7 @@ pub fn boot_msrs() -> Msrs {
         (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITEBACK),
     ]
     .iter()
-    .map(|&(index, data)| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    })
+    .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
     .collect();
     Msrs::from_entries(&entries).expect("a fixed list far below KVM_MAX_MSR_ENTRIES")
 }

@@ -26,10 +26,7 @@ pub enum EntryPoint {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("KVM rejected the vCPU's {what}: {source}")]
-    Kvm {
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
     #[error("writing the boot {0} into guest memory failed")]
     GuestMemory(&'static str),
 }
@@ -40,15 +37,8 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
 
 /// Sets the general-purpose registers, the special registers (writing the GDT
 /// and, for the 64-bit path, the page tables into guest memory) of the boot vCPU.
-pub fn setup_boot_vcpu(
-    vcpu: &VcpuFd,
-    mem: &GuestMemoryMmap,
-    entry: EntryPoint,
-) -> Result<(), Error> {
-    let mut regs = kvm_regs {
-        rflags: 0x2,
-        ..Default::default()
-    };
+pub fn setup_boot_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: EntryPoint) -> Result<(), Error> {
+    let mut regs = kvm_regs { rflags: 0x2, ..Default::default() };
     match entry {
         EntryPoint::Pvh(rip) => {
             regs.rip = rip;
@@ -87,11 +77,9 @@ pub fn setup_boot_vcpu(
 
 fn write_gdt(mem: &GuestMemoryMmap, table: &[u64], sregs: &mut kvm_sregs) -> Result<(), Error> {
     for (i, entry) in table.iter().enumerate() {
-        mem.write_obj(*entry, GuestAddress(GDT_START + 8 * i as u64))
-            .map_err(|_| Error::GuestMemory("GDT"))?;
+        mem.write_obj(*entry, GuestAddress(GDT_START + 8 * i as u64)).map_err(|_| Error::GuestMemory("GDT"))?;
     }
-    mem.write_obj(0u64, GuestAddress(IDT_START))
-        .map_err(|_| Error::GuestMemory("IDT"))?;
+    mem.write_obj(0u64, GuestAddress(IDT_START)).map_err(|_| Error::GuestMemory("IDT"))?;
     sregs.gdt.base = GDT_START;
     sregs.gdt.limit = (table.len() * 8 - 1) as u16;
     sregs.idt.base = IDT_START;
@@ -112,25 +100,18 @@ fn write_gdt(mem: &GuestMemoryMmap, table: &[u64], sregs: &mut kvm_sregs) -> Res
 /// page and the command line until the kernel builds its own tables.
 fn write_identity_page_tables(mem: &GuestMemoryMmap) -> Result<(), Error> {
     let err = |_| Error::GuestMemory("page tables");
-    mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START))
-        .map_err(err)?;
-    mem.write_obj(PDE_START | 0x03, GuestAddress(PDPTE_START))
-        .map_err(err)?;
+    mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START)).map_err(err)?;
+    mem.write_obj(PDE_START | 0x03, GuestAddress(PDPTE_START)).map_err(err)?;
     for i in 0..512u64 {
         // present | writable | page size (2 MiB)
-        mem.write_obj((i << 21) | 0x83, GuestAddress(PDE_START + i * 8))
-            .map_err(err)?;
+        mem.write_obj((i << 21) | 0x83, GuestAddress(PDE_START + i * 8)).map_err(err)?;
     }
     Ok(())
 }
 
 /// x87 control word and MXCSR at their reset values.
 pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), Error> {
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
     vcpu.set_fpu(&fpu).map_err(kvm("FPU state"))
 }
 
@@ -176,9 +157,6 @@ mod tests {
         write_gdt(&mem, &GDT_64, &mut sregs).unwrap();
         let code: u64 = mem.read_obj(GuestAddress(GDT_START + 8)).unwrap();
         assert_eq!(code, GDT_64[1]);
-        assert_eq!(
-            (sregs.gdt.limit, sregs.cs.selector, sregs.tr.selector),
-            (31, 8, 0x18)
-        );
+        assert_eq!((sregs.gdt.limit, sregs.cs.selector, sregs.tr.selector), (31, 8, 0x18));
     }
 }

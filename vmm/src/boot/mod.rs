@@ -10,9 +10,7 @@ use std::io::{Seek, SeekFrom};
 use std::path::Path;
 
 use linux_loader::cmdline::Cmdline;
-use linux_loader::loader::{
-    self, bzimage::BzImage, elf::Elf, elf::PvhBootCapability, KernelLoader,
-};
+use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, elf::PvhBootCapability, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MMIO_GAP_START};
@@ -36,18 +34,9 @@ pub enum KernelFormat {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot open {path}: {source}")]
-    Open {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error(
-        "{path} is neither an ELF vmlinux nor a bzImage the loader accepts ({elf}; {bzimage})"
-    )]
-    UnknownKernelFormat {
-        path: String,
-        elf: String,
-        bzimage: String,
-    },
+    Open { path: String, source: std::io::Error },
+    #[error("{path} is neither an ELF vmlinux nor a bzImage the loader accepts ({elf}; {bzimage})")]
+    UnknownKernelFormat { path: String, elf: String, bzimage: String },
     #[error("loading the kernel {path} failed: {source}")]
     LoadKernel { path: String, source: loader::Error },
     #[error("the kernel command line is invalid: {0}")]
@@ -60,10 +49,7 @@ pub enum Error {
     )]
     InitramfsTooBig { path: String, size: u64 },
     #[error("reading the initramfs {path} into guest memory failed: {source}")]
-    LoadInitramfs {
-        path: String,
-        source: vm_memory::GuestMemoryError,
-    },
+    LoadInitramfs { path: String, source: vm_memory::GuestMemoryError },
     #[error("writing the boot parameters failed: {0}")]
     BootParams(String),
 }
@@ -97,10 +83,7 @@ pub fn load(
     cmdline: &Cmdline,
 ) -> Result<Loaded, Error> {
     let kpath = kernel.display().to_string();
-    let mut file = File::open(kernel).map_err(|source| Error::Open {
-        path: kpath.clone(),
-        source,
-    })?;
+    let mut file = File::open(kernel).map_err(|source| Error::Open { path: kpath.clone(), source })?;
 
     let (result, format) = match Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
         Ok(r) => {
@@ -111,11 +94,7 @@ pub fn load(
             (r, format)
         }
         Err(loader::Error::Elf(elf_err @ loader::elf::Error::InvalidElfMagicNumber)) => {
-            file.seek(SeekFrom::Start(0))
-                .map_err(|source| Error::Open {
-                    path: kpath.clone(),
-                    source,
-                })?;
+            file.seek(SeekFrom::Start(0)).map_err(|source| Error::Open { path: kpath.clone(), source })?;
             match BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
                 Ok(r) => (r, KernelFormat::BzImage),
                 Err(bz) => {
@@ -127,31 +106,15 @@ pub fn load(
                 }
             }
         }
-        Err(source) => {
-            return Err(Error::LoadKernel {
-                path: kpath,
-                source,
-            })
-        }
+        Err(source) => return Err(Error::LoadKernel { path: kpath, source }),
     };
 
     loader::load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(Error::WriteCmdline)?;
-    let cmdline_len = cmdline
-        .as_cstring()
-        .map_err(Error::Cmdline)?
-        .as_bytes()
-        .len()
-        + 1;
+    let cmdline_len = cmdline.as_cstring().map_err(Error::Cmdline)?.as_bytes().len() + 1;
 
     let kernel_end = result.kernel_load.0 + result.kernel_end;
     let initramfs = match initramfs {
-        Some(path) => Some(load_initramfs(
-            mem,
-            mem_size,
-            path,
-            kernel_end,
-            result.setup_header.as_ref(),
-        )?),
+        Some(path) => Some(load_initramfs(mem, mem_size, path, kernel_end, result.setup_header.as_ref())?),
         None => None,
     };
 
@@ -167,16 +130,11 @@ pub fn load(
             EntryPoint::Linux64(result.kernel_load.0 + 0x200)
         }
         _ => {
-            params::write_zero_page(mem, mem_size, None, cmdline_len, initramfs)
-                .map_err(Error::BootParams)?;
+            params::write_zero_page(mem, mem_size, None, cmdline_len, initramfs).map_err(Error::BootParams)?;
             EntryPoint::Linux64(result.kernel_load.0)
         }
     };
-    Ok(Loaded {
-        entry,
-        format,
-        initramfs,
-    })
+    Ok(Loaded { entry, format, initramfs })
 }
 
 /// Places the initramfs as high as possible in low memory (below the MMIO gap
@@ -189,30 +147,15 @@ fn load_initramfs(
     header: Option<&linux_loader::bootparam::setup_header>,
 ) -> Result<Initramfs, Error> {
     let p = path.display().to_string();
-    let mut file = File::open(path).map_err(|source| Error::Open {
-        path: p.clone(),
-        source,
-    })?;
-    let size = file
-        .metadata()
-        .map_err(|source| Error::Open {
-            path: p.clone(),
-            source,
-        })?
-        .len();
-    let addr_max = header
-        .map(|h| h.initrd_addr_max as u64)
-        .filter(|m| *m != 0)
-        .unwrap_or(0x7fff_ffff);
+    let mut file = File::open(path).map_err(|source| Error::Open { path: p.clone(), source })?;
+    let size = file.metadata().map_err(|source| Error::Open { path: p.clone(), source })?.len();
+    let addr_max = header.map(|h| h.initrd_addr_max as u64).filter(|m| *m != 0).unwrap_or(0x7fff_ffff);
     let top = mem_size.min(MMIO_GAP_START).min(addr_max + 1);
     let address = top
         .checked_sub(size)
         .map(|a| a & !0xfff)
         .filter(|a| *a >= kernel_end)
-        .ok_or(Error::InitramfsTooBig {
-            path: p.clone(),
-            size,
-        })?;
+        .ok_or(Error::InitramfsTooBig { path: p.clone(), size })?;
     mem.read_exact_volatile_from(GuestAddress(address), &mut file, size as usize)
         .map_err(|source| Error::LoadInitramfs { path: p, source })?;
     Ok(Initramfs { address, size })
@@ -225,19 +168,13 @@ mod tests {
     #[test]
     fn user_options_come_after_defaults() {
         let c = build_cmdline("console=ttyS0 quiet", "loglevel=8 init=/bin/sh").unwrap();
-        assert_eq!(
-            c.as_cstring().unwrap().to_str().unwrap(),
-            "console=ttyS0 quiet loglevel=8 init=/bin/sh"
-        );
+        assert_eq!(c.as_cstring().unwrap().to_str().unwrap(), "console=ttyS0 quiet loglevel=8 init=/bin/sh");
     }
 
     #[test]
     fn overlong_cmdline_is_an_error() {
         let long = "x".repeat(CMDLINE_MAX_SIZE + 1);
-        assert!(matches!(
-            build_cmdline("console=ttyS0", &long),
-            Err(Error::Cmdline(_))
-        ));
+        assert!(matches!(build_cmdline("console=ttyS0", &long), Err(Error::Cmdline(_))));
     }
 
     #[test]
@@ -261,8 +198,7 @@ mod tests {
         let path = dir.join("initrd");
         std::fs::write(&path, vec![7u8; 10_000]).unwrap();
         let mem_size = 64 << 20;
-        let mem =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)]).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)]).unwrap();
         let i = load_initramfs(&mem, mem_size, &path, 2 << 20, None).unwrap();
         assert_eq!(i.address % 4096, 0);
         assert!(i.address + i.size <= mem_size);

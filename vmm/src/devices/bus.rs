@@ -26,15 +26,8 @@ pub struct Bus {
 
 impl Bus {
     pub fn insert(&mut self, base: u64, len: u64, device: Arc<dyn BusDevice>) -> Result<(), Error> {
-        let end = base
-            .checked_add(len)
-            .filter(|_| len > 0)
-            .ok_or(Error::BadRange { base, len })?;
-        if self
-            .devices
-            .iter()
-            .any(|(b, l, _)| base < b + l && *b < end)
-        {
+        let end = base.checked_add(len).filter(|_| len > 0).ok_or(Error::BadRange { base, len })?;
+        if self.devices.iter().any(|(b, l, _)| base < b + l && *b < end) {
             return Err(Error::Overlap { base, len });
         }
         self.devices.push((base, len, device));
@@ -45,9 +38,7 @@ impl Bus {
     fn find(&self, addr: u64, size: usize) -> Option<(&Arc<dyn BusDevice>, u64)> {
         self.devices
             .iter()
-            .find(|(b, l, _)| {
-                addr >= *b && addr.checked_add(size as u64).is_some_and(|e| e <= b + l)
-            })
+            .find(|(b, l, _)| addr >= *b && addr.checked_add(size as u64).is_some_and(|e| e <= b + l))
             .map(|(b, _, d)| (d, addr - b))
     }
 
@@ -110,21 +101,12 @@ mod tests {
     fn rejects_overlaps_and_bad_ranges() {
         let mut bus = Bus::default();
         bus.insert(0x60, 5, Arc::new(Recorder::default())).unwrap();
-        assert_eq!(
-            bus.insert(0x64, 2, Arc::new(Recorder::default())),
-            Err(Error::Overlap { base: 0x64, len: 2 })
-        );
+        assert_eq!(bus.insert(0x64, 2, Arc::new(Recorder::default())), Err(Error::Overlap { base: 0x64, len: 2 }));
         assert!(bus.insert(0x58, 8, Arc::new(Recorder::default())).is_ok());
         assert_eq!(
             bus.insert(u64::MAX, 2, Arc::new(Recorder::default())),
-            Err(Error::BadRange {
-                base: u64::MAX,
-                len: 2
-            })
+            Err(Error::BadRange { base: u64::MAX, len: 2 })
         );
-        assert_eq!(
-            bus.insert(0x10, 0, Arc::new(Recorder::default())),
-            Err(Error::BadRange { base: 0x10, len: 0 })
-        );
+        assert_eq!(bus.insert(0x10, 0, Arc::new(Recorder::default())), Err(Error::BadRange { base: 0x10, len: 0 }));
     }
 }

@@ -4,9 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use kvm_bindings::{
-    CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
-};
+use kvm_bindings::{CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 
@@ -18,11 +16,7 @@ use crate::devices::{EventSender, VmEvent};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("KVM could not {what} of vCPU {id}: {source}")]
-    Kvm {
-        id: u8,
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    Kvm { id: u8, what: &'static str, source: kvm_ioctls::Error },
     #[error("KVM accepted only {set} of {total} MSRs of vCPU {id}")]
     Msrs { id: u8, set: usize, total: usize },
     #[error("setting up vCPU {id}: {source}")]
@@ -38,25 +32,9 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    pub fn new(
-        vm: &VmFd,
-        id: u8,
-        pio: Arc<Bus>,
-        mmio: Arc<Bus>,
-        events: EventSender,
-    ) -> Result<Vcpu, Error> {
-        let fd = vm.create_vcpu(id as u64).map_err(|source| Error::Kvm {
-            id,
-            what: "create",
-            source,
-        })?;
-        Ok(Vcpu {
-            id,
-            fd,
-            pio,
-            mmio,
-            events,
-        })
+    pub fn new(vm: &VmFd, id: u8, pio: Arc<Bus>, mmio: Arc<Bus>, events: EventSender) -> Result<Vcpu, Error> {
+        let fd = vm.create_vcpu(id as u64).map_err(|source| Error::Kvm { id, what: "create", source })?;
+        Ok(Vcpu { id, fd, pio, mmio, events })
     }
 
     /// CPUID, MSRs, FPU and LINT pins for every vCPU; registers and the boot
@@ -76,17 +54,12 @@ impl Vcpu {
         let msrs = msr::boot_msrs();
         let set = self.fd.set_msrs(&msrs).map_err(kvm("set the MSRs"))?;
         if set != msrs.as_slice().len() {
-            return Err(Error::Msrs {
-                id,
-                set,
-                total: msrs.as_slice().len(),
-            });
+            return Err(Error::Msrs { id, set, total: msrs.as_slice().len() });
         }
         regs::setup_fpu(&self.fd).map_err(|source| Error::Regs { id, source })?;
         regs::setup_lint(&self.fd).map_err(|source| Error::Regs { id, source })?;
         if let Some(entry) = entry {
-            regs::setup_boot_vcpu(&self.fd, mem, entry)
-                .map_err(|source| Error::Regs { id, source })?;
+            regs::setup_boot_vcpu(&self.fd, mem, entry).map_err(|source| Error::Regs { id, source })?;
         }
         Ok(())
     }

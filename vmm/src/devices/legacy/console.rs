@@ -36,12 +36,7 @@ pub struct ConsoleSink {
 
 impl ConsoleSink {
     pub fn new(out: Box<dyn Write + Send>, events: EventSender) -> Self {
-        ConsoleSink {
-            out,
-            line: Vec::new(),
-            watch: PanicWatch::default(),
-            events,
-        }
+        ConsoleSink { out, line: Vec::new(), watch: PanicWatch::default(), events }
     }
 
     pub fn watch(&self) -> PanicWatch {
@@ -53,10 +48,7 @@ impl ConsoleSink {
         // The end line repeats the marker, so look for it first.
         if text.contains(PANIC_END_MARKER) {
             // panic=0: the kernel will now spin forever, so end the VM here.
-            let msg = self
-                .watch
-                .get()
-                .unwrap_or_else(|| text.trim_end().to_string());
+            let msg = self.watch.get().unwrap_or_else(|| text.trim_end().to_string());
             let _ = self.events.send(VmEvent::Panic(msg));
         } else if let Some(pos) = text.find(PANIC_MARKER) {
             let mut seen = self.watch.0.lock().unwrap();
@@ -115,28 +107,14 @@ mod tests {
         let out = Shared::default();
         let mut sink = ConsoleSink::new(Box::new(out.clone()), tx);
         let watch = sink.watch();
-        sink.write_all(b"[    0.5] Run /init as init process\n")
-            .unwrap();
+        sink.write_all(b"[    0.5] Run /init as init process\n").unwrap();
         assert_eq!(watch.get(), None);
-        sink.write_all(b"[    0.6] Kernel panic - not syncing: No working init found.\r\n")
-            .unwrap();
-        assert_eq!(
-            watch.get().as_deref(),
-            Some("Kernel panic - not syncing: No working init found.")
-        );
-        assert!(
-            rx.try_recv().is_err(),
-            "panic=-1 ends through the reset that follows"
-        );
-        sink.write_all(b"---[ end Kernel panic - not syncing: No working init found. ]---\n")
-            .unwrap();
-        assert_eq!(
-            rx.try_recv().unwrap(),
-            VmEvent::Panic("Kernel panic - not syncing: No working init found.".into())
-        );
-        assert!(String::from_utf8(out.0.lock().unwrap().clone())
-            .unwrap()
-            .contains("Run /init"));
+        sink.write_all(b"[    0.6] Kernel panic - not syncing: No working init found.\r\n").unwrap();
+        assert_eq!(watch.get().as_deref(), Some("Kernel panic - not syncing: No working init found."));
+        assert!(rx.try_recv().is_err(), "panic=-1 ends through the reset that follows");
+        sink.write_all(b"---[ end Kernel panic - not syncing: No working init found. ]---\n").unwrap();
+        assert_eq!(rx.try_recv().unwrap(), VmEvent::Panic("Kernel panic - not syncing: No working init found.".into()));
+        assert!(String::from_utf8(out.0.lock().unwrap().clone()).unwrap().contains("Run /init"));
     }
 
     #[test]

@@ -424,7 +424,11 @@ mod tests {
         let none = vec![descriptor(HDR, 16, false, None)];
         assert_eq!(run(&mut h, &m, &none).0, 0);
         // A descriptor pointing outside guest memory.
-        let outside = vec![descriptor(HDR, 16, false, Some(1)), descriptor(0xffff_0000_0000, 512, true, Some(2)), descriptor(STATUS, 1, true, None)];
+        let outside = vec![
+            descriptor(HDR, 16, false, Some(1)),
+            descriptor(0xffff_0000_0000, 512, true, Some(2)),
+            descriptor(STATUS, 1, true, None),
+        ];
         let (len, _) = run(&mut h, &m, &outside);
         assert_eq!(len, 0);
         // Unknown request type.

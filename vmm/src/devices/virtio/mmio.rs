@@ -251,8 +251,14 @@ impl MmioTransport {
                 _ => {}
             },
             REG_QUEUE_SEL => s.queue_sel = v,
-            REG_QUEUE_NUM | REG_QUEUE_READY | REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH | REG_QUEUE_DRIVER_LOW
-            | REG_QUEUE_DRIVER_HIGH | REG_QUEUE_DEVICE_LOW | REG_QUEUE_DEVICE_HIGH
+            REG_QUEUE_NUM
+            | REG_QUEUE_READY
+            | REG_QUEUE_DESC_LOW
+            | REG_QUEUE_DESC_HIGH
+            | REG_QUEUE_DRIVER_LOW
+            | REG_QUEUE_DRIVER_HIGH
+            | REG_QUEUE_DEVICE_LOW
+            | REG_QUEUE_DEVICE_HIGH
                 if configurable =>
             {
                 let Some(q) = s.queues.get_mut(sel) else { return };
