@@ -131,3 +131,100 @@ mod tests {
         assert!(!f.status.success());
     }
 }
+
+/// A scratch directory, removed when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("hearth-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating a scratch directory");
+        Scratch(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs a host command that must succeed, returning its stdout.
+pub fn host(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Makes an ext4 image of `size_mib` holding the files of `dir`.
+pub fn ext4_image(dir: &std::path::Path, image: &std::path::Path, size_mib: u64) {
+    host(Command::new("mke2fs").args(["-q", "-F", "-t", "ext4", "-d"]).arg(dir).arg(image).arg(format!("{size_mib}M")));
+}
+
+/// Reads a file out of an ext4 image (debugfs, no mount needed).
+pub fn ext4_read(image: &std::path::Path, file: &str) -> Vec<u8> {
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("cat /{file}")])
+        .arg(image)
+        .stderr(Stdio::null())
+        .output()
+        .expect("running debugfs");
+    out.stdout
+}
+
+/// A VM of the boot initramfs that runs `script` (as run.sh, with the files
+/// of `extra` beside it) from a disk it mounts at start, plus more disks.
+pub struct GuestRun<'a> {
+    pub env: &'a Env,
+    pub script: String,
+    pub files: Vec<(String, Vec<u8>)>,
+    pub disks: Vec<String>,
+    pub extra_args: Vec<String>,
+    pub cpus: u8,
+    pub memory_mib: u64,
+}
+
+impl<'a> GuestRun<'a> {
+    pub fn new(env: &'a Env, script: &str) -> Self {
+        GuestRun {
+            env,
+            script: script.to_string(),
+            files: Vec::new(),
+            disks: Vec::new(),
+            extra_args: Vec::new(),
+            cpus: 2,
+            memory_mib: 256,
+        }
+    }
+
+    /// Boots the VM; the run disk is /dev/vda, `disks` follow as vdb, vdc...
+    pub fn run(&self, scratch: &Scratch) -> Finished {
+        let dir = scratch.path("run");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("run.sh"), &self.script).unwrap();
+        for (name, data) in &self.files {
+            std::fs::write(dir.join(name), data).unwrap();
+        }
+        let image = scratch.path("run.img");
+        ext4_image(&dir, &image, 64);
+        let mut cmd = Command::new(&self.env.vmm);
+        cmd.arg("--kernel").arg(&self.env.vmlinux).arg("--initramfs").arg(&self.env.boot_initramfs);
+        cmd.args(["--cpus", &self.cpus.to_string(), "--memory", &self.memory_mib.to_string()]);
+        cmd.arg("--disk").arg(&image);
+        for d in &self.disks {
+            cmd.args(["--disk", d]);
+        }
+        cmd.args(&self.extra_args);
+        cmd.args(["--cmdline", "hearth.run=/dev/vda"]);
+        let f = run(&mut cmd, Duration::from_secs(600));
+        assert!(!f.killed, "the VM hung:\n{}", f.describe());
+        assert_eq!(f.status.code(), Some(0), "the VMM did not exit 0:\n{}", f.describe());
+        assert_eq!(f.fact("RUN-EXIT"), "0", "the guest script failed:\n{}", f.describe());
+        f
+    }
+}

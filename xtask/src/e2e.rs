@@ -9,7 +9,7 @@ use crate::artefacts::Artefacts;
 use crate::sh::cmd;
 use crate::{paths, place};
 
-pub const SUITES: &[&str] = &["boot"];
+pub const SUITES: &[&str] = &["boot", "devices"];
 
 /// Builds the test binary of `suite` and returns its path.
 fn build(suite: &str) -> Result<String> {

@@ -19,6 +19,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("xz-utils", "unpacking the kernel source"),
     ("busybox-static", "userland of the boot initramfs and of the test host"),
     ("qemu-system-x86", "the test host, and the reference VMM of `bench boot`"),
+    ("e2fsprogs", "ext4 images for the guest's disks (mke2fs -d, debugfs)"),
 ];
 
 fn missing_packages() -> Vec<&'static str> {
