@@ -109,3 +109,118 @@ fn block_missing_disk_is_a_clear_error() {
     assert_eq!(f.status.code(), Some(1), "{}", f.describe());
     assert!(f.stderr.contains("cannot open the disk /nonexistent/disk.img"), "{}", f.describe());
 }
+
+/// Serves `conns` echo connections on a Unix listener (the host end of
+/// guest-initiated vsock connections).
+fn unix_echo_server(listener: std::os::unix::net::UnixListener, conns: usize) -> std::thread::JoinHandle<u64> {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        let mut threads = Vec::new();
+        for _ in 0..conns {
+            let (mut s, _) = listener.accept().expect("accepting a guest connection");
+            threads.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut total = 0u64;
+                loop {
+                    let n = s.read(&mut buf).expect("reading from the guest");
+                    if n == 0 {
+                        break;
+                    }
+                    s.write_all(&buf[..n]).expect("echoing to the guest");
+                    total += n as u64;
+                }
+                let _ = s.shutdown(std::net::Shutdown::Write);
+                total
+            }));
+        }
+        threads.into_iter().map(|t| t.join().unwrap()).sum()
+    })
+}
+
+/// Connects to the VM's vsock socket and asks for guest port `port`,
+/// retrying while the guest's listener is not up yet (the guest answers RST,
+/// and the socket is closed without an OK). None if the VM ended first.
+fn vsock_connect(
+    socket: &std::path::Path,
+    port: u32,
+    vm: &std::thread::JoinHandle<hearth_e2e::Finished>,
+) -> Option<std::os::unix::net::UnixStream> {
+    use std::io::{BufRead, Write};
+    while !vm.is_finished() {
+        if let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) {
+            s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+            let mut line = String::new();
+            let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+            if r.read_line(&mut line).is_ok() && line.starts_with("OK ") {
+                assert!(r.buffer().is_empty(), "no data may follow the OK line before we send");
+                return Some(s);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    None
+}
+
+#[test]
+fn vsock_echo_both_ways_with_16_connections_and_64_mib_each_way() {
+    use std::io::{Read, Write};
+    const CONNS: usize = 16;
+    const BYTES: usize = 4 << 20; // 16 x 4 MiB = 64 MiB each way
+    let env = Env::get();
+    let scratch = Scratch::new("vsock");
+    let socket = scratch.path("v.sock");
+    // Guest-initiated connections to host port 6000 land here.
+    let listener = std::os::unix::net::UnixListener::bind(format!("{}_6000", socket.display())).unwrap();
+    let served = unix_echo_server(listener, CONNS);
+
+    let script = format!(
+        r#"
+./hearth-guest-tool vsock-echo-server 5000 {CONNS} > server.out 2>&1 &
+server=$!
+./hearth-guest-tool vsock-echo-client 2 6000 {CONNS} {BYTES} || exit 1
+wait $server || {{ cat server.out; exit 1; }}
+cat server.out
+"#
+    );
+    let mut run = GuestRun::new(&env, &script);
+    run.files.push(("hearth-guest-tool".into(), std::fs::read(&env.guest_tool).unwrap()));
+    run.extra_args = vec!["--vsock".into(), format!("cid=3,socket={}", socket.display())];
+    let mut cmd = run.command(&scratch);
+    let vm = std::thread::spawn(move || hearth_e2e::run(&mut cmd, std::time::Duration::from_secs(900)));
+
+    // Host-initiated: 16 concurrent connections to the guest's echo server.
+    let mut clients = Vec::new();
+    for i in 0..CONNS {
+        let Some(s) = vsock_connect(&socket, 5000, &vm) else {
+            let f = vm.join().unwrap();
+            panic!("the VM ended before its vsock echo server accepted:\n{}", f.describe());
+        };
+        clients.push(std::thread::spawn(move || {
+            let data = pseudo_random(BYTES, 100 + i as u64);
+            let mut w = s.try_clone().unwrap();
+            let sent = data.clone();
+            let writer = std::thread::spawn(move || {
+                w.write_all(&sent).unwrap();
+                w.shutdown(std::net::Shutdown::Write).unwrap();
+            });
+            let mut back = Vec::new();
+            (&s).read_to_end(&mut back).unwrap();
+            writer.join().unwrap();
+            (sha256(&data), sha256(&back), back.len())
+        }));
+    }
+    for (i, c) in clients.into_iter().enumerate() {
+        let (sent, back, len) = c.join().unwrap();
+        assert_eq!(len, BYTES, "connection {i}: echo length");
+        assert_eq!(sent, back, "connection {i}: echo checksum");
+    }
+
+    let f = vm.join().unwrap();
+    assert!(!f.killed, "the VM hung:\n{}", f.describe());
+    assert_eq!(f.status.code(), Some(0), "{}", f.describe());
+    assert_eq!(f.fact("RUN-EXIT"), "0", "{}", f.describe());
+    assert_eq!(f.fact("VSOCK-ECHOED"), format!("{CONNS}x{BYTES}"), "guest-initiated echo");
+    assert_eq!(f.fact("VSOCK-SERVED"), CONNS.to_string());
+    assert_eq!(served.join().unwrap(), (CONNS * BYTES) as u64, "bytes the host echoed");
+    assert!(!socket.exists(), "the VMM removes its vsock socket when it ends");
+}

@@ -17,6 +17,8 @@ pub struct Env {
     pub bzimage: PathBuf,
     pub kernel_release: String,
     pub boot_initramfs: PathBuf,
+    /// tests/guest-tools, statically linked, to copy into guests.
+    pub guest_tool: PathBuf,
 }
 
 fn var(name: &str) -> String {
@@ -36,6 +38,7 @@ impl Env {
             bzimage: var("HEARTH_KERNEL_BZIMAGE").into(),
             kernel_release: var("HEARTH_KERNEL_RELEASE"),
             boot_initramfs: var("HEARTH_BOOT_INITRAMFS").into(),
+            guest_tool: var("HEARTH_GUEST_TOOL").into(),
         }
     }
 }
@@ -203,12 +206,26 @@ impl<'a> GuestRun<'a> {
     }
 
     /// Boots the VM; the run disk is /dev/vda, `disks` follow as vdb, vdc...
+    /// Asserts that the VMM and the guest script both succeeded.
     pub fn run(&self, scratch: &Scratch) -> Finished {
+        let f = run(&mut self.command(scratch), Duration::from_secs(600));
+        assert!(!f.killed, "the VM hung:\n{}", f.describe());
+        assert_eq!(f.status.code(), Some(0), "the VMM did not exit 0:\n{}", f.describe());
+        assert_eq!(f.fact("RUN-EXIT"), "0", "the guest script failed:\n{}", f.describe());
+        f
+    }
+
+    /// The hearth-vmm command line, with the run disk built.
+    pub fn command(&self, scratch: &Scratch) -> Command {
         let dir = scratch.path("run");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("run.sh"), &self.script).unwrap();
         for (name, data) in &self.files {
-            std::fs::write(dir.join(name), data).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            let path = dir.join(name);
+            std::fs::write(&path, data).unwrap();
+            // Scripts and static programs alike must be runnable in the guest.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
         let image = scratch.path("run.img");
         ext4_image(&dir, &image, 64);
@@ -221,10 +238,6 @@ impl<'a> GuestRun<'a> {
         }
         cmd.args(&self.extra_args);
         cmd.args(["--cmdline", "hearth.run=/dev/vda"]);
-        let f = run(&mut cmd, Duration::from_secs(600));
-        assert!(!f.killed, "the VM hung:\n{}", f.describe());
-        assert_eq!(f.status.code(), Some(0), "the VMM did not exit 0:\n{}", f.describe());
-        assert_eq!(f.fact("RUN-EXIT"), "0", "the guest script failed:\n{}", f.describe());
-        f
+        cmd
     }
 }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 pub use crate::devices::virtio::block::DiskConfig;
+pub use crate::devices::virtio::vsock::VsockConfig;
 
 /// Options the VMM always puts first on the kernel command line; the user's
 /// `--cmdline` follows, so it can override any of them (the kernel takes the
@@ -34,6 +35,77 @@ pub struct VmConfig {
     pub console_input: bool,
     /// virtio-blk disks, in order: the first is /dev/vda in the guest.
     pub disks: Vec<DiskConfig>,
+    /// virtio-net devices over host taps, in order: the first is eth0 in the guest.
+    pub nets: Vec<NetConfig>,
+    /// A virtio-vsock device and the host socket behind it.
+    pub vsock: Option<VsockConfig>,
+}
+
+/// A virtio-net device: the host tap behind it and the guest's MAC address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Name of the host tap interface, attached to if it exists, else created.
+    pub tap: String,
+    pub mac: [u8; 6],
+}
+
+impl NetConfig {
+    /// Parses `tap=NAME[,mac=AA:BB:CC:DD:EE:FF]`. Without `mac`, the MAC is
+    /// [`NetConfig::default_mac`] of the tap's name.
+    pub fn parse(s: &str) -> Result<NetConfig, String> {
+        const USAGE: &str = "use tap=NAME[,mac=AA:BB:CC:DD:EE:FF]";
+        let mut tap = None;
+        let mut mac = None;
+        for opt in s.split(',') {
+            let (key, value) = opt.split_once('=').ok_or_else(|| format!("{opt:?} is not KEY=VALUE: {USAGE}"))?;
+            match key {
+                "tap" if tap.is_none() => {
+                    crate::devices::virtio::tap::check_name(value)?;
+                    tap = Some(value.to_string());
+                }
+                "mac" if mac.is_none() => mac = Some(parse_mac(value)?),
+                "tap" | "mac" => return Err(format!("{key} is given twice: {USAGE}")),
+                other => return Err(format!("unknown network option {other:?}: {USAGE}")),
+            }
+        }
+        let tap = tap.ok_or_else(|| format!("a network device needs a tap: {USAGE}"))?;
+        let mac = mac.unwrap_or_else(|| Self::default_mac(&tap));
+        Ok(NetConfig { tap, mac })
+    }
+
+    /// A locally administered unicast MAC, 52:54:00:xx:xx:xx, the last three
+    /// bytes a hash (FNV-1a) of the tap's name: stable across runs and builds,
+    /// different for different taps.
+    pub fn default_mac(tap: &str) -> [u8; 6] {
+        let mut h: u32 = 0x811c_9dc5;
+        for b in tap.bytes() {
+            h = (h ^ b as u32).wrapping_mul(0x0100_0193);
+        }
+        let [a, b, c, _] = h.to_be_bytes();
+        [0x52, 0x54, 0x00, a, b, c]
+    }
+}
+
+/// Parses `AA:BB:CC:DD:EE:FF` (hex, either case); refuses multicast and
+/// all-zero addresses, which no NIC may have.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("{s:?} is not a MAC address like 52:54:00:12:34:56");
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let p = parts.next().filter(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit())).ok_or_else(bad)?;
+        *byte = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("{s} is a multicast address: a NIC needs a unicast one (even first byte)"));
+    }
+    if mac == [0; 6] {
+        return Err("00:00:00:00:00:00 is not a usable MAC address".into());
+    }
+    Ok(mac)
 }
 
 impl DiskConfig {
@@ -64,6 +136,8 @@ impl VmConfig {
             console: Console::Stdout,
             console_input: false,
             disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
         }
     }
 }
@@ -78,5 +152,44 @@ mod tests {
         assert!(DiskConfig::parse("/a.img,ro").unwrap().read_only);
         assert!(DiskConfig::parse("/a.img,fast").unwrap_err().contains("fast"));
         assert!(DiskConfig::parse(",ro").is_err());
+    }
+
+    #[test]
+    fn net_options() {
+        let n = NetConfig::parse("tap=hearth0,mac=02:aA:bb:cc:dd:0f").unwrap();
+        assert_eq!(n, NetConfig { tap: "hearth0".into(), mac: [0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0x0f] });
+        // Options in any order.
+        assert_eq!(NetConfig::parse("mac=02:aa:bb:cc:dd:0f,tap=hearth0").unwrap(), n);
+        for bad in [
+            "",
+            "hearth0",
+            "mac=02:aa:bb:cc:dd:0f",
+            "tap=",
+            "tap=a/b",
+            "tap=this-name-is-too-long",
+            "tap=a,tap=b",
+            "tap=a,speed=10",
+            "tap=a,mac=02:aa:bb:cc:dd",
+            "tap=a,mac=02:aa:bb:cc:dd:0f:00",
+            "tap=a,mac=02:aa:bb:cc:dd:0g",
+            "tap=a,mac=2:aa:bb:cc:dd:0f",
+            "tap=a,mac=+2:aa:bb:cc:dd:0f",
+            "tap=a,mac=01:00:5e:00:00:01",
+            "tap=a,mac=00:00:00:00:00:00",
+        ] {
+            assert!(NetConfig::parse(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn default_mac_is_local_unicast_stable_and_per_tap() {
+        let a = NetConfig::parse("tap=hearth0").unwrap().mac;
+        assert_eq!(a, NetConfig::default_mac("hearth0"));
+        assert_eq!(a[..3], [0x52, 0x54, 0x00]);
+        assert_eq!(a[0] & 0b11, 0b10, "locally administered, unicast");
+        assert_ne!(a, NetConfig::default_mac("hearth1"));
+        // Fixed: FNV-1a of "hearth0" is 0x16c3bd33 (a change here would
+        // change guests' MAC addresses).
+        assert_eq!(a, [0x52, 0x54, 0x00, 0x16, 0xc3, 0xbd]);
     }
 }

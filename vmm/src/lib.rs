@@ -95,8 +95,12 @@ pub enum Error {
     ConsoleLog { path: String, source: std::io::Error },
     #[error(transparent)]
     Devices(#[from] device_manager::Error),
+    #[error("cannot create the vsock socket {path}: {source}")]
+    VsockSocket { path: String, source: std::io::Error },
     #[error("cannot open the disk {path}: {source}")]
     Disk { path: String, source: std::io::Error },
+    #[error("cannot open the tap {tap}: {source}")]
+    Net { tap: String, source: std::io::Error },
     #[error("setting up the VMM: {0}")]
     Setup(String),
 }
@@ -155,6 +159,16 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
         let block = devices::virtio::block::Block::new(disk.clone())
             .map_err(|source| Error::Disk { path: disk.path.display().to_string(), source })?;
         devices.attach(&vm.fd, &vm.memory, &mut mmio, Box::new(block))?;
+    }
+    for net in &config.nets {
+        let dev = devices::virtio::net::Net::new(net.clone())
+            .map_err(|source| Error::Net { tap: net.tap.clone(), source })?;
+        devices.attach(&vm.fd, &vm.memory, &mut mmio, Box::new(dev))?;
+    }
+    if let Some(vsock) = &config.vsock {
+        let dev = devices::virtio::vsock::Vsock::new(vsock.clone())
+            .map_err(|source| Error::VsockSocket { path: vsock.socket.display().to_string(), source })?;
+        devices.attach(&vm.fd, &vm.memory, &mut mmio, Box::new(dev))?;
     }
     let mmio = Arc::new(mmio);
 

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use hearth_vmm::config::{Console, DiskConfig, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS};
+use hearth_vmm::config::{
+    Console, DiskConfig, NetConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
+};
 use hearth_vmm::{GuestExit, EXIT_VMM_ERROR};
 
 /// Boot a Linux kernel in a KVM virtual machine, with the serial console on
@@ -40,6 +42,17 @@ struct Args {
     /// disks; they appear in the guest as /dev/vda, /dev/vdb, ... in order.
     #[arg(long = "disk", value_parser = DiskConfig::parse)]
     disks: Vec<DiskConfig>,
+    /// A virtio-net device over a host tap: `tap=NAME[,mac=AA:BB:CC:DD:EE:FF]`.
+    /// An existing tap is attached to; otherwise one is created (which needs
+    /// CAP_NET_ADMIN). The MAC defaults to 52:54:00:xx:xx:xx derived from the
+    /// tap's name. Repeat for more devices: eth0, eth1, ... in order.
+    #[arg(long = "net", value_parser = NetConfig::parse)]
+    nets: Vec<NetConfig>,
+    /// A virtio-vsock device: `cid=N,socket=PATH`. Host processes connect to
+    /// PATH and send `CONNECT <port>\n`; guest connections to host port P go
+    /// to the Unix socket `PATH_P`.
+    #[arg(long, value_parser = VsockConfig::parse)]
+    vsock: Option<VsockConfig>,
 }
 
 fn main() -> ExitCode {
@@ -65,6 +78,8 @@ fn main() -> ExitCode {
         },
         console_input,
         disks: args.disks,
+        nets: args.nets,
+        vsock: args.vsock,
     };
     match hearth_vmm::run(&config) {
         Ok(exit) => {

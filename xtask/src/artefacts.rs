@@ -9,12 +9,16 @@ use anyhow::{Context, Result};
 use crate::sh::cmd;
 use crate::{guest, kernel, paths, sh};
 
+const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
+
 pub struct Artefacts {
     pub vmm: PathBuf,
     pub vmlinux: PathBuf,
     pub bzimage: PathBuf,
     pub kernel_release: String,
     pub boot_initramfs: PathBuf,
+    /// Static guest-side test programs (tests/guest-tools).
+    pub guest_tool: PathBuf,
 }
 
 impl Artefacts {
@@ -22,6 +26,15 @@ impl Artefacts {
     /// setup` makes those).
     pub fn build() -> Result<Artefacts> {
         sh::run(cmd("cargo").args(["build", "--release", "-p", "hearth-vmm"]).current_dir(paths::workspace()))?;
+        // Guest programs run on the guest's bare initramfs: link them
+        // statically. An explicit --target keeps RUSTFLAGS away from build
+        // scripts and proc macros.
+        sh::run(
+            cmd("cargo")
+                .args(["build", "--release", "-p", "hearth-guest-tools", "--target", GUEST_TARGET])
+                .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                .current_dir(paths::workspace()),
+        )?;
         let k = kernel::find()?;
         Ok(Artefacts {
             vmm: paths::release_bin("hearth-vmm"),
@@ -29,6 +42,7 @@ impl Artefacts {
             bzimage: k.bzimage,
             kernel_release: k.release,
             boot_initramfs: guest::find_boot_initramfs()?,
+            guest_tool: paths::target_dir().join(GUEST_TARGET).join("release/hearth-guest-tool"),
         })
     }
 
@@ -39,6 +53,7 @@ impl Artefacts {
             ("HEARTH_KERNEL_BZIMAGE", self.bzimage.display().to_string()),
             ("HEARTH_KERNEL_RELEASE", self.kernel_release.clone()),
             ("HEARTH_BOOT_INITRAMFS", self.boot_initramfs.display().to_string()),
+            ("HEARTH_GUEST_TOOL", self.guest_tool.display().to_string()),
         ]
     }
 
@@ -51,6 +66,7 @@ impl Artefacts {
             bzimage: get("HEARTH_KERNEL_BZIMAGE")?.into(),
             kernel_release: get("HEARTH_KERNEL_RELEASE")?,
             boot_initramfs: get("HEARTH_BOOT_INITRAMFS")?.into(),
+            guest_tool: get("HEARTH_GUEST_TOOL")?.into(),
         })
     }
 

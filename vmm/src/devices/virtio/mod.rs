@@ -15,6 +15,9 @@
 pub mod block;
 pub mod interrupt;
 pub mod mmio;
+pub mod net;
+pub mod tap;
+pub mod vsock;
 pub mod worker;
 
 use std::sync::Arc;

@@ -1,0 +1,160 @@
+//! `hearth-guest-tool`: what the e2e suites run inside the guest, where
+//! busybox has no AF_VSOCK. Built statically (`-C target-feature=+crt-static`)
+//! by the xtask and copied onto the guest's run disk.
+//!
+//! - `vsock-echo-server PORT CONNS`: accepts CONNS connections on vsock port
+//!   PORT, echoes each until EOF, then prints `HEARTH-VSOCK-SERVED: CONNS`.
+//! - `vsock-echo-client CID PORT CONNS BYTES`: opens CONNS concurrent
+//!   connections to CID:PORT, sends BYTES of pseudo-random data on each while
+//!   reading the echo, checks every byte, prints `HEARTH-VSOCK-ECHOED: N`.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::process::ExitCode;
+
+fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
+    // SAFETY: sockaddr_vm is plain data; all-zero is a valid start.
+    let mut a: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    a.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    a.svm_cid = cid;
+    a.svm_port = port;
+    a
+}
+
+fn socket() -> std::io::Result<File> {
+    // SAFETY: plain socket(2); the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor, owned from here on.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+fn check(r: libc::c_int) -> std::io::Result<()> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn connect(cid: u32, port: u32) -> std::io::Result<File> {
+    let s = socket()?;
+    let a = vsock_addr(cid, port);
+    // SAFETY: a valid sockaddr_vm of the given size.
+    check(unsafe {
+        libc::connect(s.as_raw_fd(), &a as *const _ as *const libc::sockaddr, std::mem::size_of_val(&a) as u32)
+    })?;
+    Ok(s)
+}
+
+fn shutdown_write(f: &File) {
+    // SAFETY: shutdown(2) on a socket we own.
+    unsafe { libc::shutdown(f.as_raw_fd(), libc::SHUT_WR) };
+}
+
+/// The same stream of bytes on both sides of a test: xorshift from a seed.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn echo_server(port: u32, conns: usize) -> std::io::Result<()> {
+    let l = socket()?;
+    let a = vsock_addr(libc::VMADDR_CID_ANY, port);
+    // SAFETY: valid address and size; listen on our own socket.
+    check(unsafe { libc::bind(l.as_raw_fd(), &a as *const _ as *const libc::sockaddr, std::mem::size_of_val(&a) as u32) })?;
+    check(unsafe { libc::listen(l.as_raw_fd(), 64) })?;
+    let mut threads = Vec::new();
+    for _ in 0..conns {
+        // SAFETY: accept(2) without peer address.
+        let fd = unsafe { libc::accept4(l.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor from accept.
+        let mut s = unsafe { File::from_raw_fd(fd) };
+        threads.push(std::thread::spawn(move || -> std::io::Result<u64> {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0u64;
+            loop {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                s.write_all(&buf[..n])?;
+                total += n as u64;
+            }
+            shutdown_write(&s);
+            Ok(total)
+        }));
+    }
+    let mut total = 0;
+    for t in threads {
+        total += t.join().unwrap()?;
+    }
+    println!("HEARTH-VSOCK-SERVED: {conns}");
+    println!("HEARTH-VSOCK-SERVED-BYTES: {total}");
+    Ok(())
+}
+
+fn echo_client(cid: u32, port: u32, conns: usize, bytes: usize) -> std::io::Result<()> {
+    let mut threads = Vec::new();
+    for i in 0..conns {
+        threads.push(std::thread::spawn(move || -> std::io::Result<()> {
+            let s = connect(cid, port)?;
+            let data = pattern(i as u64 + 1, bytes);
+            let mut w = s.try_clone()?;
+            let sent = data.clone();
+            let writer = std::thread::spawn(move || -> std::io::Result<()> {
+                w.write_all(&sent)?;
+                shutdown_write(&w);
+                Ok(())
+            });
+            let mut back = Vec::with_capacity(bytes);
+            (&s).read_to_end(&mut back)?;
+            writer.join().unwrap()?;
+            if back != data {
+                return Err(std::io::Error::other(format!("connection {i}: echo differs ({} of {bytes} bytes back)", back.len())));
+            }
+            Ok(())
+        }));
+    }
+    for t in threads {
+        t.join().unwrap()?;
+    }
+    println!("HEARTH-VSOCK-ECHOED: {conns}x{bytes}");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let num = |i: usize| args.get(i).and_then(|s| s.parse::<usize>().ok());
+    let result = match args.get(1).map(String::as_str) {
+        Some("vsock-echo-server") => match (num(2), num(3)) {
+            (Some(port), Some(conns)) => echo_server(port as u32, conns),
+            _ => Err(std::io::Error::other("usage: vsock-echo-server PORT CONNS")),
+        },
+        Some("vsock-echo-client") => match (num(2), num(3), num(4), num(5)) {
+            (Some(cid), Some(port), Some(conns), Some(bytes)) => echo_client(cid as u32, port as u32, conns, bytes),
+            _ => Err(std::io::Error::other("usage: vsock-echo-client CID PORT CONNS BYTES")),
+        },
+        _ => Err(std::io::Error::other("usage: hearth-guest-tool vsock-echo-server|vsock-echo-client ...")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hearth-guest-tool: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
