@@ -224,3 +224,75 @@ cat server.out
     assert_eq!(served.join().unwrap(), (CONNS * BYTES) as u64, "bytes the host echoed");
     assert!(!socket.exists(), "the VMM removes its vsock socket when it ends");
 }
+
+/// A tap with an address, removed when dropped.
+struct TapDevice(String);
+
+impl TapDevice {
+    fn new(name: &str, cidr: &str) -> TapDevice {
+        let _ = Command::new("ip").args(["link", "del", name]).output();
+        hearth_e2e::host(Command::new("ip").args(["tuntap", "add", "dev", name, "mode", "tap"]));
+        hearth_e2e::host(Command::new("ip").args(["addr", "add", cidr, "dev", name]));
+        hearth_e2e::host(Command::new("ip").args(["link", "set", name, "up"]));
+        TapDevice(name.to_string())
+    }
+}
+
+impl Drop for TapDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+    }
+}
+
+#[test]
+fn net_guest_pings_the_host_and_moves_8_mib_each_way_over_tcp() {
+    use std::io::{Read, Write};
+    const BYTES: usize = 8 << 20;
+    let env = Env::get();
+    let scratch = Scratch::new("net");
+    // Addresses of the test's own network, inside the test host only.
+    let _tap = TapDevice::new("hearthe2e0", "172.31.0.1/24");
+    let to_guest = pseudo_random(BYTES, 11);
+    let to_guest_sum = sha256(&to_guest);
+
+    // Port 5000: receive exactly BYTES from the guest. Port 5001: send BYTES.
+    let rx_listener = std::net::TcpListener::bind("172.31.0.1:5000").unwrap();
+    let tx_listener = std::net::TcpListener::bind("172.31.0.1:5001").unwrap();
+    let receiver = std::thread::spawn(move || {
+        let (mut s, _) = rx_listener.accept().unwrap();
+        let mut got = vec![0u8; BYTES];
+        s.read_exact(&mut got).unwrap();
+        sha256(&got)
+    });
+    let sender = std::thread::spawn(move || {
+        let (mut s, _) = tx_listener.accept().unwrap();
+        s.write_all(&to_guest).unwrap();
+    });
+
+    let script = format!(
+        r#"
+set -e
+ip link set eth0 up
+ip addr add 172.31.0.2/24 dev eth0
+echo "HEARTH-MAC: $(cat /sys/class/net/eth0/address)"
+ping -c 3 -W 10 172.31.0.1 > ping.out && echo "HEARTH-PING: ok"
+dd if=/dev/urandom of=out.bin bs=1M count={mib} 2>/dev/null
+echo "HEARTH-SENT-SHA256: $(sha256sum out.bin | cut -d' ' -f1)"
+nc 172.31.0.1 5000 < out.bin
+nc 172.31.0.1 5001 > in.bin
+echo "HEARTH-RECEIVED-BYTES: $(wc -c < in.bin)"
+echo "HEARTH-RECEIVED-SHA256: $(sha256sum in.bin | cut -d' ' -f1)"
+"#,
+        mib = BYTES >> 20
+    );
+    let mut run = GuestRun::new(&env, &script);
+    run.extra_args = vec!["--net".into(), "tap=hearthe2e0,mac=52:54:00:12:34:56".into()];
+    let f = run.run(&scratch);
+
+    assert_eq!(f.fact("MAC"), "52:54:00:12:34:56", "the MAC given on the command line");
+    assert_eq!(f.fact("PING"), "ok", "{}", f.describe());
+    assert_eq!(receiver.join().unwrap(), f.fact("SENT-SHA256"), "guest to host over TCP");
+    sender.join().unwrap();
+    assert_eq!(f.fact("RECEIVED-BYTES"), BYTES.to_string());
+    assert_eq!(f.fact("RECEIVED-SHA256"), to_guest_sum, "host to guest over TCP");
+}

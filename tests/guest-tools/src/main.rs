@@ -40,8 +40,25 @@ fn check(r: libc::c_int) -> std::io::Result<()> {
     }
 }
 
+/// SO_VM_SOCKETS_CONNECT_TIMEOUT (in its timeval form) at level AF_VSOCK.
+const SO_VM_SOCKETS_CONNECT_TIMEOUT: libc::c_int = 6;
+/// Linux gives a vsock connect 2 s by default; a guest under software
+/// emulation on a busy machine can need longer to see the answer.
+const CONNECT_TIMEOUT_SECS: libc::time_t = 30;
+
 fn connect(cid: u32, port: u32) -> std::io::Result<File> {
     let s = socket()?;
+    let tv = libc::timeval { tv_sec: CONNECT_TIMEOUT_SECS, tv_usec: 0 };
+    // SAFETY: setsockopt with a timeval of the right size on our socket.
+    check(unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::AF_VSOCK,
+            SO_VM_SOCKETS_CONNECT_TIMEOUT,
+            &tv as *const _ as *const libc::c_void,
+            std::mem::size_of_val(&tv) as u32,
+        )
+    })?;
     let a = vsock_addr(cid, port);
     // SAFETY: a valid sockaddr_vm of the given size.
     check(unsafe {
