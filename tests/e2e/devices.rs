@@ -225,6 +225,76 @@ cat server.out
     assert!(!socket.exists(), "the VMM removes its vsock socket when it ends");
 }
 
+/// Sets a file's mode, owner and mtime (seconds since the epoch).
+fn set_meta(path: &std::path::Path, mode: u32, uid: u32, gid: u32, mtime: u64) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
+    std::fs::File::options().write(true).open(path).unwrap().set_modified(t).unwrap();
+}
+
+#[test]
+fn fs_host_and_guest_see_each_others_files_with_modes_owners_and_mtimes() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::get();
+    let scratch = Scratch::new("virtiofs");
+    let share = scratch.path("share");
+    std::fs::create_dir_all(share.join("sub/dir")).unwrap();
+    std::fs::write(share.join("hello.txt"), "hello from the host\n").unwrap();
+    set_meta(&share.join("hello.txt"), 0o640, 1234, 5678, 981_173_106);
+    std::fs::write(share.join("sub/dir/deep.bin"), pseudo_random(1 << 20, 5)).unwrap();
+    set_meta(&share.join("sub/dir/deep.bin"), 0o755, 0, 0, 1_234_567_890);
+
+    let script = r#"
+set -e
+mkdir -p /mnt/share
+mount -t virtiofs hostshare /mnt/share
+cd /mnt/share
+echo "HEARTH-HELLO: $(cat hello.txt)"
+echo "HEARTH-HELLO-STAT: $(stat -c '%a %u %g %Y %s' hello.txt)"
+echo "HEARTH-DEEP-STAT: $(stat -c '%a %u %g %Y %s' sub/dir/deep.bin)"
+echo "HEARTH-DEEP-SHA256: $(sha256sum sub/dir/deep.bin | cut -d' ' -f1)"
+echo "written by the guest" > guest.txt
+chmod 604 guest.txt
+chown 4321:8765 guest.txt
+touch -t 201707140240.00 guest.txt
+mkdir -p guestdir
+dd if=/dev/urandom of=guestdir/blob bs=64k count=16 2>/dev/null
+echo "HEARTH-BLOB-SHA256: $(sha256sum guestdir/blob | cut -d' ' -f1)"
+cd /
+umount /mnt/share
+"#;
+    let mut run = GuestRun::new(&env, script);
+    run.extra_args = vec!["--fs".into(), format!("tag=hostshare,dir={}", share.display())];
+    let f = run.run(&scratch);
+
+    // Host to guest: content, mode, owner, mtime and size as the host set them.
+    assert_eq!(f.fact("HELLO"), "hello from the host");
+    assert_eq!(f.fact("HELLO-STAT"), "640 1234 5678 981173106 20");
+    assert_eq!(f.fact("DEEP-STAT"), format!("755 0 0 1234567890 {}", 1 << 20));
+    assert_eq!(f.fact("DEEP-SHA256"), sha256(&std::fs::read(share.join("sub/dir/deep.bin")).unwrap()));
+    // Guest to host, read after the VM ended.
+    let guest_txt = share.join("guest.txt");
+    assert_eq!(std::fs::read_to_string(&guest_txt).unwrap(), "written by the guest\n");
+    let m = std::fs::metadata(&guest_txt).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o604, "mode set in the guest");
+    assert_eq!((m.uid(), m.gid()), (4321, 8765), "owner set in the guest");
+    assert_eq!(m.mtime(), 1_500_000_000, "mtime set in the guest (2017-07-14 02:40:00 UTC)");
+    assert_eq!(sha256(&std::fs::read(share.join("guestdir/blob")).unwrap()), f.fact("BLOB-SHA256"));
+}
+
+#[test]
+fn fs_missing_shared_directory_is_a_clear_error() {
+    let env = Env::get();
+    let f = hearth_e2e::run(
+        Command::new(&env.vmm).arg("--kernel").arg(&env.vmlinux).args(["--fs", "tag=x,dir=/nonexistent/share"]),
+        std::time::Duration::from_secs(120),
+    );
+    assert_eq!(f.status.code(), Some(1), "{}", f.describe());
+    assert!(f.stderr.contains("/nonexistent/share does not exist"), "{}", f.describe());
+}
+
 /// A tap with an address, removed when dropped.
 struct TapDevice(String);
 

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 pub use crate::devices::virtio::block::DiskConfig;
+pub use crate::devices::virtio::fs::FsConfig;
 pub use crate::devices::virtio::vsock::VsockConfig;
 
 /// Options the VMM always puts first on the kernel command line; the user's
@@ -39,6 +40,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// A virtio-vsock device and the host socket behind it.
     pub vsock: Option<VsockConfig>,
+    /// virtio-fs shares (vhost-user, served by virtiofsd).
+    pub shares: Vec<FsConfig>,
 }
 
 /// A virtio-net device: the host tap behind it and the guest's MAC address.
@@ -138,6 +141,7 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,
+            shares: Vec::new(),
         }
     }
 }

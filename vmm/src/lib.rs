@@ -95,6 +95,8 @@ pub enum Error {
     ConsoleLog { path: String, source: std::io::Error },
     #[error(transparent)]
     Devices(#[from] device_manager::Error),
+    #[error(transparent)]
+    Fs(#[from] devices::virtio::fs::Error),
     #[error("cannot create the vsock socket {path}: {source}")]
     VsockSocket { path: String, source: std::io::Error },
     #[error("cannot open the disk {path}: {source}")]
@@ -168,6 +170,10 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
     if let Some(vsock) = &config.vsock {
         let dev = devices::virtio::vsock::Vsock::new(vsock.clone())
             .map_err(|source| Error::VsockSocket { path: vsock.socket.display().to_string(), source })?;
+        devices.attach(&vm.fd, &vm.memory, &mut mmio, Box::new(dev))?;
+    }
+    for share in &config.shares {
+        let dev = devices::virtio::fs::Fs::new(share.clone())?;
         devices.attach(&vm.fd, &vm.memory, &mut mmio, Box::new(dev))?;
     }
     let mmio = Arc::new(mmio);

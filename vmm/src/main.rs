@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use hearth_vmm::config::{
-    Console, DiskConfig, NetConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
+    Console, DiskConfig, FsConfig, NetConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
 };
 use hearth_vmm::{GuestExit, EXIT_VMM_ERROR};
 
@@ -53,6 +53,11 @@ struct Args {
     /// to the Unix socket `PATH_P`.
     #[arg(long, value_parser = VsockConfig::parse)]
     vsock: Option<VsockConfig>,
+    /// A virtio-fs share served by virtiofsd: `tag=TAG,dir=DIR[,cache=MODE]`
+    /// starts virtiofsd on DIR, `tag=TAG,socket=PATH` uses a running one.
+    /// In the guest: `mount -t virtiofs TAG /mnt`. Repeatable.
+    #[arg(long = "fs", value_parser = FsConfig::parse)]
+    shares: Vec<FsConfig>,
 }
 
 fn main() -> ExitCode {
@@ -80,6 +85,7 @@ fn main() -> ExitCode {
         disks: args.disks,
         nets: args.nets,
         vsock: args.vsock,
+        shares: args.shares,
     };
     match hearth_vmm::run(&config) {
         Ok(exit) => {

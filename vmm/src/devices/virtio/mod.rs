@@ -13,6 +13,7 @@
 //! request (an error status, or a used entry of length 0), never the VMM.
 
 pub mod block;
+pub mod fs;
 pub mod interrupt;
 pub mod mmio;
 pub mod net;
