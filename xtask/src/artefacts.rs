@@ -19,6 +19,7 @@ pub struct Artefacts {
     pub boot_initramfs: PathBuf,
     /// Static guest-side test programs (tests/guest-tools).
     pub guest_tool: PathBuf,
+    pub virtiofsd: PathBuf,
 }
 
 impl Artefacts {
@@ -43,6 +44,7 @@ impl Artefacts {
             kernel_release: k.release,
             boot_initramfs: guest::find_boot_initramfs()?,
             guest_tool: paths::target_dir().join(GUEST_TARGET).join("release/hearth-guest-tool"),
+            virtiofsd: crate::setup::find_virtiofsd().context("virtiofsd is not installed: run `cargo xtask setup`")?,
         })
     }
 
@@ -54,6 +56,7 @@ impl Artefacts {
             ("HEARTH_KERNEL_RELEASE", self.kernel_release.clone()),
             ("HEARTH_BOOT_INITRAMFS", self.boot_initramfs.display().to_string()),
             ("HEARTH_GUEST_TOOL", self.guest_tool.display().to_string()),
+            ("HEARTH_VIRTIOFSD", self.virtiofsd.display().to_string()),
         ]
     }
 
@@ -67,6 +70,7 @@ impl Artefacts {
             kernel_release: get("HEARTH_KERNEL_RELEASE")?,
             boot_initramfs: get("HEARTH_BOOT_INITRAMFS")?.into(),
             guest_tool: get("HEARTH_GUEST_TOOL")?.into(),
+            virtiofsd: get("HEARTH_VIRTIOFSD")?.into(),
         })
     }
 

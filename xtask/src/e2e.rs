@@ -31,12 +31,13 @@ fn build(suite: &str) -> Result<String> {
         .with_context(|| format!("cargo did not report the {suite} test executable"))
 }
 
-pub fn run(suite: &str, artefacts: &Artefacts) -> Result<()> {
+pub fn run(suite: &str, filter: Option<&str>, artefacts: &Artefacts) -> Result<()> {
     if !SUITES.contains(&suite) {
         bail!("no e2e suite {suite:?}; the suites are: {}", SUITES.join(", "));
     }
     let exe = build(suite)?;
     // One test at a time: each boots a VM, and the machine has two cores.
-    let argv = vec![exe, "--test-threads=1".to_string(), "--color=never".to_string()];
+    let mut argv = vec![exe, "--test-threads=1".to_string(), "--color=never".to_string()];
+    argv.extend(filter.map(String::from));
     place::run_ok(&format!("e2e-{suite}"), artefacts, &argv, 2048, Duration::from_secs(1800))
 }

@@ -2,9 +2,11 @@
 
 mod artefacts;
 mod bench;
+mod bench_devices;
 mod cpio;
 mod demo;
 mod e2e;
+mod fuzz;
 mod guest;
 mod kernel;
 mod paths;
@@ -36,14 +38,23 @@ enum Task {
     Setup,
     /// Build (or find in the cache) the tuned guest kernel only.
     Kernel,
-    /// Run all tests: unit and integration tests, then every e2e suite.
+    /// Run all tests: unit and integration tests, every e2e suite, then every fuzz target briefly.
     Test,
-    /// Run one end-to-end suite (in the test host where KVM is not hardware-backed).
-    E2e { suite: String },
+    /// Run one end-to-end suite (in the test host where KVM is not hardware-backed),
+    /// or only its tests whose names contain FILTER.
+    E2e { suite: String, filter: Option<String> },
     /// Run one benchmark; it prints its figures beside a reference, as ratios.
     Bench { name: String },
     /// Boot the utility VM and show its kernel beside the host's.
     Demo,
+    /// Run the fuzz targets (or one) for some seconds each; fails if one finds something.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = fuzz::DEFAULT_SECONDS)]
+        seconds: u64,
+        /// One target (virtio_blk, virtio_mmio); all when absent.
+        target: Option<String>,
+    },
     /// Run a shell command inside the test host (for debugging suites).
     Testhost { command: Vec<String> },
     #[command(hide = true)]
@@ -61,7 +72,7 @@ fn test() -> Result<()> {
     let artefacts = Artefacts::build()?;
     let (mut passed, mut failed) = (0, Vec::new());
     for suite in e2e::SUITES {
-        match e2e::run(suite, &artefacts) {
+        match e2e::run(suite, None, &artefacts) {
             Ok(()) => passed += 1,
             Err(e) => {
                 eprintln!("e2e suite {suite} failed: {e:#}");
@@ -70,10 +81,12 @@ fn test() -> Result<()> {
         }
     }
     println!("e2e: {passed} passed, {} failed", failed.len());
+    // Then every fuzz target briefly (HEARTH_FUZZ_SECONDS each, default 20).
+    let fuzzed = fuzz::test_seconds().and_then(|s| fuzz::run(&[], s));
     if !failed.is_empty() {
         anyhow::bail!("failed e2e suites: {}", failed.join(", "));
     }
-    Ok(())
+    fuzzed
 }
 
 fn main() -> ExitCode {
@@ -82,9 +95,10 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Kernel => setup::apt().and_then(|_| kernel::ensure()).map(|_| ()),
         Task::Test => test(),
-        Task::E2e { suite } => Artefacts::build().and_then(|a| e2e::run(&suite, &a)),
+        Task::E2e { suite, filter } => Artefacts::build().and_then(|a| e2e::run(&suite, filter.as_deref(), &a)),
         Task::Bench { name } => Artefacts::build().and_then(|a| bench::run(&name, &a)),
         Task::Demo => setup::run().and_then(|_| Artefacts::build()).and_then(|a| demo::run(&a)),
+        Task::Fuzz { seconds, target } => fuzz::run(&target.into_iter().collect::<Vec<_>>(), seconds),
         Task::Testhost { command } => testhost::ensure_assets().and_then(|assets| {
             let script = format!(
                 "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root\n{}\n",

@@ -250,31 +250,53 @@ struct BlockWorker {
 
 impl BlockWorker {
     fn process_queue(&mut self) {
-        loop {
-            if let Err(e) = self.queue.disable_notification(&self.mem) {
-                tracing::warn!("virtio-blk: {e:?}");
-                return;
-            }
-            while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
-                let head = chain.head_index();
-                let len = self.handler.handle(&self.mem, chain);
-                if let Err(e) = self.queue.add_used(&self.mem, head, len) {
-                    tracing::warn!("virtio-blk: add_used: {e:?}");
-                }
-            }
-            match self.queue.enable_notification(&self.mem) {
-                Ok(true) => continue, // more arrived meanwhile
-                Ok(false) => break,
-                Err(e) => {
-                    tracing::warn!("virtio-blk: {e:?}");
-                    return;
-                }
-            }
-        }
-        if self.queue.needs_notification(&self.mem).unwrap_or(true) {
+        if process_queue(&mut self.handler, &mut self.queue, &self.mem) {
             self.interrupt.signal_used();
         }
     }
+}
+
+/// Serves every request the driver made available on `queue`, as the worker
+/// does on each notification; returns whether the driver wants an interrupt.
+pub fn process_queue<D: Disk, M: GuestMemory>(handler: &mut RequestHandler<D>, queue: &mut Queue, mem: &M) -> bool {
+    loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            tracing::warn!("virtio-blk: {e:?}");
+            return false;
+        }
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = handler.handle(mem, chain);
+            if let Err(e) = queue.add_used(mem, head, len) {
+                tracing::warn!("virtio-blk: add_used: {e:?}");
+            }
+        }
+        match queue.enable_notification(mem) {
+            // More arrived meanwhile, unless the driver's available index is
+            // more than a queue ahead: no chain can be popped from such a
+            // ring, and going on would spin this thread forever.
+            Ok(true) if avail_index_is_sane(queue, mem) => continue,
+            Ok(true) => {
+                tracing::warn!(
+                    "virtio-blk: the driver's available index is more than a queue ahead; ignoring the queue"
+                );
+                break;
+            }
+            Ok(false) => break,
+            Err(e) => {
+                tracing::warn!("virtio-blk: {e:?}");
+                return false;
+            }
+        }
+    }
+    queue.needs_notification(mem).unwrap_or(true)
+}
+
+/// Whether the driver's available index is at most a queue ahead of ours.
+fn avail_index_is_sane<M: GuestMemory>(queue: &Queue, mem: &M) -> bool {
+    queue
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .is_ok_and(|idx| (idx - std::num::Wrapping(queue.next_avail())).0 <= queue.size())
 }
 
 impl DeviceWorker for BlockWorker {
@@ -435,6 +457,23 @@ mod tests {
         header(&m, 77, 0);
         let chain = vec![descriptor(HDR, 16, false, Some(1)), descriptor(STATUS, 1, true, None)];
         assert_eq!(run(&mut h, &m, &chain).1, VIRTIO_BLK_S_UNSUPP);
+    }
+
+    #[test]
+    fn avail_index_more_than_a_queue_ahead_does_not_spin() {
+        // Found by the virtio_blk fuzz target: the ring is refused, so nothing
+        // pops, yet enable_notification keeps reporting more to do.
+        let m = mem();
+        let q = MockSplitQueue::new(&m, 16);
+        q.avail().idx().store(17);
+        let mut queue: Queue = q.create_queue().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut h = handler(false);
+            tx.send(process_queue(&mut h, &mut queue, &m)).unwrap();
+        });
+        let done = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert!(done.is_ok(), "process_queue spins on an available index 17 ahead of a 16-entry queue");
     }
 
     #[test]

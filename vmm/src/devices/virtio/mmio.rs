@@ -154,9 +154,12 @@ impl MmioTransport {
             self.reset(s);
             return;
         }
+        // Only a reset clears status bits (virtio 1.2 section 2.1.2): a driver
+        // clearing DRIVER_OK and setting it again would otherwise start a
+        // second worker beside the first, which is never stopped.
+        let mut value = value | s.status;
         // FEATURES_OK only sticks if the driver accepted a subset of what
         // the device offers, including VERSION_1 (no legacy interface).
-        let mut value = value;
         if value & STATUS_FEATURES_OK != 0 && s.status & STATUS_FEATURES_OK == 0 {
             let offered = Self::offered_features(s);
             if s.driver_features & !offered != 0 || s.driver_features & VIRTIO_F_VERSION_1 == 0 {
@@ -417,6 +420,27 @@ mod tests {
         wr(&t, REG_STATUS, 0);
         assert_eq!(rd(&t, REG_STATUS), 0);
         assert_eq!(rd(&t, REG_QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn status_bits_stay_until_reset_so_a_device_activates_once() {
+        // Found by the virtio_mmio fuzz target: clearing DRIVER_OK without a
+        // reset, then setting it again, started a second worker and leaked the first.
+        let (t, n) = transport();
+        let ready = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+        wr(&t, REG_DRIVER_FEATURES_SEL, 1);
+        wr(&t, REG_DRIVER_FEATURES, 1);
+        wr(&t, REG_STATUS, ready);
+        setup_queues(&t);
+        wr(&t, REG_STATUS, ready | STATUS_DRIVER_OK);
+        assert_eq!(n.load(Ordering::SeqCst), 1);
+        wr(&t, REG_STATUS, ready);
+        assert_ne!(rd(&t, REG_STATUS) & STATUS_DRIVER_OK, 0, "DRIVER_OK cleared without a reset");
+        wr(&t, REG_STATUS, ready | STATUS_DRIVER_OK);
+        assert_eq!(n.load(Ordering::SeqCst), 1, "activated twice without a reset");
+        wr(&t, REG_STATUS, 0);
+        assert_eq!(rd(&t, REG_STATUS), 0);
+        t.shutdown();
     }
 
     #[test]
