@@ -366,3 +366,132 @@ echo "HEARTH-RECEIVED-SHA256: $(sha256sum in.bin | cut -d' ' -f1)"
     assert_eq!(f.fact("RECEIVED-BYTES"), BYTES.to_string());
     assert_eq!(f.fact("RECEIVED-SHA256"), to_guest_sum, "host to guest over TCP");
 }
+
+/// What the balloon guest allocates, then frees.
+const BALLOON_ALLOC_MIB: u64 = 150;
+/// How long the guest idles after freeing. Page reporting runs 2 s after a
+/// free and every 2 s while there is more to report: 150 MiB comes back
+/// within about 2 s.
+const BALLOON_SETTLE_SECS: u64 = 10;
+
+/// Host memory of one balloon run, in MiB of the VMM's RSS (guest RAM is a
+/// shared memfd, so RssShmem is most of it).
+struct BalloonRss {
+    idle: u64,
+    allocated: u64,
+    freed: u64,
+    settled: u64,
+    /// Seconds after the guest freed the memory until RSS was within 16 MiB
+    /// of its final value, if it dropped at all.
+    settle_secs: Option<u64>,
+    features: String,
+}
+
+/// Boots a 256 MiB guest that fills a tmpfs with 150 MiB, frees them and
+/// idles, sampling the VMM's RSS at each step the guest reports.
+fn balloon_rss_run(env: &Env, balloon: bool) -> BalloonRss {
+    let scratch = Scratch::new(if balloon { "balloon-on" } else { "balloon-off" });
+    let script = format!(
+        r#"
+set -e
+for d in /sys/bus/virtio/devices/*; do
+    if [ "$(cat $d/device)" = "0x0005" ]; then echo "HEARTH-BALLOON-FEATURES: $(cat $d/features)"; fi
+done
+mkdir -p /mnt/big
+mount -t tmpfs -o size=200m tmpfs /mnt/big
+sleep 2
+echo "HEARTH-IDLE: 1"
+sleep 1
+dd if=/dev/zero of=/mnt/big/fill bs=1M count={BALLOON_ALLOC_MIB} 2>/dev/null
+echo "HEARTH-ALLOCATED: 1"
+sleep 1
+rm /mnt/big/fill
+sync
+echo 3 > /proc/sys/vm/drop_caches
+echo "HEARTH-FREED: 1"
+for i in $(seq 1 {BALLOON_SETTLE_SECS}); do sleep 1; echo "HEARTH-WAITED: $i"; done
+echo "HEARTH-SETTLED: 1"
+sleep 1
+"#
+    );
+    let mut run = GuestRun::new(env, &script);
+    if balloon {
+        run.extra_args = vec!["--balloon".into()];
+    }
+    let mut samples: Vec<(String, u64)> = Vec::new();
+    let f = hearth_e2e::run_streaming(&mut run.command(&scratch), std::time::Duration::from_secs(600), |pid, line| {
+        if let Some(fact) = line.strip_prefix("HEARTH-") {
+            if let Some(kib) = hearth_e2e::proc_status_kib(pid, "VmRSS") {
+                samples.push((fact.to_string(), kib >> 10));
+            }
+        }
+    });
+    assert!(!f.killed, "the VM hung:\n{}", f.describe());
+    assert_eq!(f.status.code(), Some(0), "{}", f.describe());
+    assert_eq!(f.fact("RUN-EXIT"), "0", "{}", f.describe());
+    let at = |fact: &str| {
+        samples
+            .iter()
+            .find(|(f, _)| f.as_str() == fact)
+            .map(|(_, mib)| *mib)
+            .unwrap_or_else(|| panic!("no RSS sample when the guest said {fact:?}: {samples:?}\n{}", f.describe()))
+    };
+    let settled = at("SETTLED: 1");
+    let waited: Vec<u64> = (1..=BALLOON_SETTLE_SECS).map(|i| at(&format!("WAITED: {i}"))).collect();
+    let freed = at("FREED: 1");
+    let settle_secs = (freed > settled + 16)
+        .then(|| waited.iter().position(|mib| mib.abs_diff(settled) <= 16).map(|i| i as u64 + 1))
+        .flatten();
+    BalloonRss {
+        idle: at("IDLE: 1"),
+        allocated: at("ALLOCATED: 1"),
+        freed,
+        settled,
+        settle_secs,
+        features: f.facts().remove("BALLOON-FEATURES").unwrap_or_default(),
+    }
+}
+
+#[test]
+fn balloon_free_page_reporting_returns_freed_guest_memory_to_the_host() {
+    const ALLOC_MIB: u64 = BALLOON_ALLOC_MIB;
+    let env = Env::get();
+    let on = balloon_rss_run(&env, true);
+    let off = balloon_rss_run(&env, false);
+    for (name, r) in [("balloon", &on), ("no balloon", &off)] {
+        hearth_e2e::figure(&format!(
+            "{name}: VMM RSS idle {} MiB, after the guest allocates {ALLOC_MIB} MiB {} MiB, \
+             when it frees them {} MiB, {} s later {} MiB{}",
+            r.idle,
+            r.allocated,
+            r.freed,
+            BALLOON_SETTLE_SECS,
+            r.settled,
+            r.settle_secs.map_or(String::new(), |s| format!(" (most of it back within {s} s)")),
+        ));
+    }
+    // The guest negotiated free page reporting (feature bit 5).
+    assert_eq!(on.features.as_bytes().get(5), Some(&b'1'), "balloon features {:?}", on.features);
+    assert!(off.features.is_empty(), "no balloon device without --balloon");
+    for r in [&on, &off] {
+        assert!(
+            r.allocated >= r.idle + ALLOC_MIB * 2 / 3,
+            "the host sees the guest's allocation: RSS {} MiB idle, {} MiB after",
+            r.idle,
+            r.allocated
+        );
+    }
+    assert!(
+        on.allocated.saturating_sub(on.settled) >= ALLOC_MIB / 2,
+        "with the balloon, at least half of the {ALLOC_MIB} MiB the guest freed went back to the host: \
+         {} MiB after allocating, {} MiB after freeing",
+        on.allocated,
+        on.settled
+    );
+    assert!(
+        off.allocated.saturating_sub(off.settled) < ALLOC_MIB / 2,
+        "without the balloon the guest's freed memory stays with the VMM: {} MiB, then {} MiB",
+        off.allocated,
+        off.settled
+    );
+}

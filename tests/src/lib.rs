@@ -190,6 +190,9 @@ pub struct GuestRun<'a> {
     pub extra_args: Vec<String>,
     pub cpus: u8,
     pub memory_mib: u64,
+    /// More kernel command line, after `hearth.run=/dev/vda` (hearth-vmm
+    /// takes one `--cmdline`, so this is the way to add to it).
+    pub cmdline: String,
 }
 
 impl<'a> GuestRun<'a> {
@@ -202,6 +205,7 @@ impl<'a> GuestRun<'a> {
             extra_args: Vec::new(),
             cpus: 2,
             memory_mib: 256,
+            cmdline: String::new(),
         }
     }
 
@@ -237,7 +241,109 @@ impl<'a> GuestRun<'a> {
             cmd.args(["--disk", d]);
         }
         cmd.args(&self.extra_args);
-        cmd.args(["--cmdline", "hearth.run=/dev/vda"]);
+        cmd.arg("--cmdline").arg(format!("hearth.run=/dev/vda {}", self.cmdline).trim_end());
         cmd
+    }
+}
+
+/// Runs `cmd` to its end like [`run`], handing each stdout line to `on_line`
+/// as it arrives, with the process's pid: to look at the process (its
+/// memory, say) at the moment the guest reports something.
+pub fn run_streaming(cmd: &mut Command, hang_guard: Duration, mut on_line: impl FnMut(u32, &str)) -> Finished {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let pid = child.id();
+    let out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let out_t = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).split(b'\n').map_while(Result::ok) {
+            if lines_tx.send(String::from_utf8_lossy(&line).into_owned()).is_err() {
+                break;
+            }
+        }
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let started = Instant::now();
+    let mut stdout = String::new();
+    let mut killed = false;
+    let mut take = |line: String, stdout: &mut String| {
+        on_line(pid, line.trim_end_matches('\r'));
+        stdout.push_str(&line);
+        stdout.push('\n');
+    };
+    let status = loop {
+        match lines.recv_timeout(Duration::from_millis(50)) {
+            Ok(line) => take(line, &mut stdout),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(50)),
+        }
+        if let Some(status) = child.try_wait().expect("waiting for the child") {
+            break status;
+        }
+        if started.elapsed() > hang_guard && !killed {
+            let _ = child.kill();
+            killed = true;
+        }
+    };
+    for line in lines {
+        take(line, &mut stdout);
+    }
+    let _ = out_t.join();
+    Finished { status, stdout, stderr: err_t.join().unwrap(), killed }
+}
+
+/// A `/proc/<pid>/status` field in KiB (`VmRSS`, `RssShmem`...), if the
+/// process is alive and has it.
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Prints a measured figure so that it shows in the suite's output even
+/// when the test passes (the test harness captures `println!`, not writes
+/// to the stderr handle).
+pub fn figure(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+#[cfg(test)]
+mod streaming_tests {
+    use super::*;
+
+    #[test]
+    fn lines_arrive_while_the_process_runs() {
+        let mut seen = Vec::new();
+        let f = run_streaming(
+            Command::new("/bin/sh").args(["-c", "echo one; sleep 0.3; echo 'HEARTH-TWO: 2'"]),
+            Duration::from_secs(60),
+            |pid, line| seen.push((line.to_string(), proc_status_kib(pid, "VmRSS").is_some())),
+        );
+        assert!(f.status.success() && !f.killed);
+        assert_eq!(seen.iter().map(|(l, _)| l.as_str()).collect::<Vec<_>>(), ["one", "HEARTH-TWO: 2"]);
+        assert!(seen[0].1, "the process is alive (and has an RSS) when its first line arrives");
+        assert_eq!(f.fact("TWO"), "2");
+        assert!(proc_status_kib(std::process::id(), "VmRSS").unwrap() > 0);
+        assert_eq!(proc_status_kib(std::process::id(), "NoSuchField"), None);
+    }
+
+    #[test]
+    fn streaming_hang_guard_kills() {
+        let f = run_streaming(Command::new("/bin/sleep").arg("30"), Duration::from_millis(200), |_, _| {});
+        assert!(f.killed);
     }
 }

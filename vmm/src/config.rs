@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+pub use crate::devices::virtio::balloon::BalloonConfig;
 pub use crate::devices::virtio::block::DiskConfig;
 pub use crate::devices::virtio::fs::FsConfig;
 pub use crate::devices::virtio::vsock::VsockConfig;
@@ -42,6 +43,9 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// virtio-fs shares (vhost-user, served by virtiofsd).
     pub shares: Vec<FsConfig>,
+    /// A virtio-balloon device (free page reporting gives memory the guest
+    /// frees back to the host); off unless given.
+    pub balloon: Option<BalloonConfig>,
 }
 
 /// A virtio-net device: the host tap behind it and the guest's MAC address.
@@ -142,6 +146,7 @@ impl VmConfig {
             nets: Vec::new(),
             vsock: None,
             shares: Vec::new(),
+            balloon: None,
         }
     }
 }

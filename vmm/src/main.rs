@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use hearth_vmm::config::{
-    Console, DiskConfig, FsConfig, NetConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
+    BalloonConfig, Console, DiskConfig, FsConfig, NetConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE,
+    DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
 };
 use hearth_vmm::{GuestExit, EXIT_VMM_ERROR};
 
@@ -58,6 +59,11 @@ struct Args {
     /// In the guest: `mount -t virtiofs TAG /mnt`. Repeatable.
     #[arg(long = "fs", value_parser = FsConfig::parse)]
     shares: Vec<FsConfig>,
+    /// A virtio-balloon device: `--balloon` or `--balloon reporting=on|off`.
+    /// With free page reporting (on by default) the guest kernel reports the
+    /// memory it frees, and the VMM gives it back to the host.
+    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "", value_parser = BalloonConfig::parse)]
+    balloon: Option<BalloonConfig>,
 }
 
 fn main() -> ExitCode {
@@ -86,6 +92,7 @@ fn main() -> ExitCode {
         nets: args.nets,
         vsock: args.vsock,
         shares: args.shares,
+        balloon: args.balloon,
     };
     match hearth_vmm::run(&config) {
         Ok(exit) => {

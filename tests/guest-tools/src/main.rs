@@ -7,6 +7,8 @@
 //! - `vsock-echo-client CID PORT CONNS BYTES`: opens CONNS concurrent
 //!   connections to CID:PORT, sends BYTES of pseudo-random data on each while
 //!   reading the echo, checks every byte, prints `HEARTH-VSOCK-ECHOED: N`.
+//! - `vsock-sink PORT`: reads one connection to its end, prints the bytes
+//!   and seconds (the vsock benchmark).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -89,12 +91,15 @@ fn echo_server(port: u32, conns: usize) -> std::io::Result<()> {
     let l = socket()?;
     let a = vsock_addr(libc::VMADDR_CID_ANY, port);
     // SAFETY: valid address and size; listen on our own socket.
-    check(unsafe { libc::bind(l.as_raw_fd(), &a as *const _ as *const libc::sockaddr, std::mem::size_of_val(&a) as u32) })?;
+    check(unsafe {
+        libc::bind(l.as_raw_fd(), &a as *const _ as *const libc::sockaddr, std::mem::size_of_val(&a) as u32)
+    })?;
     check(unsafe { libc::listen(l.as_raw_fd(), 64) })?;
     let mut threads = Vec::new();
     for _ in 0..conns {
         // SAFETY: accept(2) without peer address.
-        let fd = unsafe { libc::accept4(l.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+        let fd =
+            unsafe { libc::accept4(l.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -141,7 +146,10 @@ fn echo_client(cid: u32, port: u32, conns: usize, bytes: usize) -> std::io::Resu
             (&s).read_to_end(&mut back)?;
             writer.join().unwrap()?;
             if back != data {
-                return Err(std::io::Error::other(format!("connection {i}: echo differs ({} of {bytes} bytes back)", back.len())));
+                return Err(std::io::Error::other(format!(
+                    "connection {i}: echo differs ({} of {bytes} bytes back)",
+                    back.len()
+                )));
             }
             Ok(())
         }));
@@ -153,6 +161,37 @@ fn echo_client(cid: u32, port: u32, conns: usize, bytes: usize) -> std::io::Resu
     Ok(())
 }
 
+/// Accepts one connection on vsock port PORT and reads it to the end.
+fn sink(port: u32) -> std::io::Result<()> {
+    let l = socket()?;
+    let a = vsock_addr(libc::VMADDR_CID_ANY, port);
+    // SAFETY: valid address and size; listen on our own socket.
+    check(unsafe {
+        libc::bind(l.as_raw_fd(), &a as *const _ as *const libc::sockaddr, std::mem::size_of_val(&a) as u32)
+    })?;
+    check(unsafe { libc::listen(l.as_raw_fd(), 1) })?;
+    // SAFETY: accept(2) without peer address.
+    let fd = unsafe { libc::accept4(l.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor from accept.
+    let mut s = unsafe { File::from_raw_fd(fd) };
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    println!("HEARTH-VSOCK-SINK-BYTES: {total}");
+    println!("HEARTH-VSOCK-SINK-SECS: {:.3}", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let num = |i: usize| args.get(i).and_then(|s| s.parse::<usize>().ok());
@@ -160,6 +199,10 @@ fn main() -> ExitCode {
         Some("vsock-echo-server") => match (num(2), num(3)) {
             (Some(port), Some(conns)) => echo_server(port as u32, conns),
             _ => Err(std::io::Error::other("usage: vsock-echo-server PORT CONNS")),
+        },
+        Some("vsock-sink") => match num(2) {
+            Some(port) => sink(port as u32),
+            _ => Err(std::io::Error::other("usage: vsock-sink PORT")),
         },
         Some("vsock-echo-client") => match (num(2), num(3), num(4), num(5)) {
             (Some(cid), Some(port), Some(conns), Some(bytes)) => echo_client(cid as u32, port as u32, conns, bytes),

@@ -12,6 +12,7 @@
 //! virtio-queue's checked accessors, and a malformed request fails that
 //! request (an error status, or a used entry of length 0), never the VMM.
 
+pub mod balloon;
 pub mod block;
 pub mod fs;
 pub mod interrupt;
