@@ -91,7 +91,8 @@ fn find_virtiofsd() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("HEARTH_VIRTIOFSD") {
         return Some(p.into());
     }
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
     if let Some(home) = std::env::var_os("HOME") {
         dirs.push(Path::new(&home).join(".cargo/bin"));
     }
@@ -115,7 +116,8 @@ impl Fs {
                 if !dir.is_dir() {
                     return Err(Error::NoDir(dir.clone()));
                 }
-                let socket = std::env::temp_dir().join(format!("hearth-virtiofsd-{}-{}.sock", std::process::id(), config.tag));
+                let socket =
+                    std::env::temp_dir().join(format!("hearth-virtiofsd-{}-{}.sock", std::process::id(), config.tag));
                 let _ = std::fs::remove_file(&socket);
                 let path = find_virtiofsd().ok_or(Error::NoVirtiofsd)?;
                 let child = Command::new(&path)
@@ -136,7 +138,10 @@ impl Fs {
         let frontend = loop {
             match Frontend::connect(&socket, NUM_QUEUES as u64) {
                 Ok(f) => break f,
-                Err(_) if Instant::now() < deadline && fs_child.as_mut().is_none_or(|c| matches!(c.try_wait(), Ok(None))) => {
+                Err(_)
+                    if Instant::now() < deadline
+                        && fs_child.as_mut().is_none_or(|c| matches!(c.try_wait(), Ok(None))) =>
+                {
                     std::thread::sleep(Duration::from_millis(20))
                 }
                 Err(_) => {

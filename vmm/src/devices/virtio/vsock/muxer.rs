@@ -153,8 +153,6 @@ impl Muxer {
         header(self.guest_cid, c, op, flags)
     }
 
-
-
     fn queue_control(&mut self, token: u64, op: u16, flags: u32) {
         if let Some(c) = self.conns.get_mut(&token) {
             c.last_fwd_cnt_sent = c.fwd_cnt;
@@ -236,7 +234,10 @@ impl Muxer {
             return;
         }
         let Some(state) = self.conns.get(&token).map(|c| c.state) else { return };
-        if events.contains(EventSet::IN) || events.contains(EventSet::READ_HANG_UP) || events.contains(EventSet::HANG_UP) {
+        if events.contains(EventSet::IN)
+            || events.contains(EventSet::READ_HANG_UP)
+            || events.contains(EventSet::HANG_UP)
+        {
             match state {
                 State::Handshake => self.read_handshake(token, poller),
                 _ => {

@@ -140,7 +140,11 @@ mod tests {
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
     }
 
-    fn with_chain<R>(m: &GuestMemoryMmap, descs: &[virtio_queue::desc::split::Descriptor], f: impl FnOnce(DescriptorChain<&GuestMemoryMmap>) -> R) -> R {
+    fn with_chain<R>(
+        m: &GuestMemoryMmap,
+        descs: &[virtio_queue::desc::split::Descriptor],
+        f: impl FnOnce(DescriptorChain<&GuestMemoryMmap>) -> R,
+    ) -> R {
         let q = MockSplitQueue::new(m, 16);
         let raw: Vec<RawDescriptor> = descs.iter().map(|d| RawDescriptor::from(*d)).collect();
         q.add_desc_chains(&raw, 0).unwrap();
@@ -149,7 +153,18 @@ mod tests {
     }
 
     fn hdr(op: u16, len: u32) -> Header {
-        Header { src_cid: 3, dst_cid: 2, src_port: 1000, dst_port: 5000, len, kind: TYPE_STREAM, op, buf_alloc: 4096, fwd_cnt: 7, flags: 0 }
+        Header {
+            src_cid: 3,
+            dst_cid: 2,
+            src_port: 1000,
+            dst_port: 5000,
+            len,
+            kind: TYPE_STREAM,
+            op,
+            buf_alloc: 4096,
+            fwd_cnt: 7,
+            flags: 0,
+        }
     }
 
     #[test]
@@ -163,7 +178,10 @@ mod tests {
         let m = mem();
         m.write_slice(&hdr(OP_RW, 5).to_bytes(), GuestAddress(0x10000)).unwrap();
         m.write_slice(b"hello", GuestAddress(0x11000)).unwrap();
-        let p = with_chain(&m, &[descriptor(0x10000, 44, false, Some(1)), descriptor(0x11000, 5, false, None)], |c| read_tx(&m, c)).unwrap();
+        let p = with_chain(&m, &[descriptor(0x10000, 44, false, Some(1)), descriptor(0x11000, 5, false, None)], |c| {
+            read_tx(&m, c)
+        })
+        .unwrap();
         assert_eq!(p.hdr.op, OP_RW);
         assert_eq!(p.data, b"hello");
     }
@@ -173,7 +191,9 @@ mod tests {
         let m = mem();
         // Header claims more payload than the chain carries.
         m.write_slice(&hdr(OP_RW, 100).to_bytes(), GuestAddress(0x10000)).unwrap();
-        let r = with_chain(&m, &[descriptor(0x10000, 44, false, Some(1)), descriptor(0x11000, 5, false, None)], |c| read_tx(&m, c));
+        let r = with_chain(&m, &[descriptor(0x10000, 44, false, Some(1)), descriptor(0x11000, 5, false, None)], |c| {
+            read_tx(&m, c)
+        });
         assert_eq!(r, Err(ParseError::ShortPayload { header: 100, available: 5 }));
         // Payload over the limit.
         m.write_slice(&hdr(OP_RW, u32::MAX).to_bytes(), GuestAddress(0x10000)).unwrap();
