@@ -77,37 +77,7 @@ impl Finished {
 /// Runs `cmd` to its end, killing it after `hang_guard` (a guard against a
 /// hang, not a timing assertion: it is generous on purpose).
 pub fn run(cmd: &mut Command, hang_guard: Duration) -> Finished {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out_t = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s);
-        String::from_utf8_lossy(&s).into_owned()
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s);
-        String::from_utf8_lossy(&s).into_owned()
-    });
-    let started = Instant::now();
-    let mut killed = false;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for the child") {
-            break status;
-        }
-        if started.elapsed() > hang_guard {
-            let _ = child.kill();
-            killed = true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Finished { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap(), killed }
+    run_streaming(cmd, hang_guard, |_, _| {})
 }
 
 #[cfg(test)]
