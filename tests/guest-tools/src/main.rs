@@ -69,6 +69,28 @@ fn connect(cid: u32, port: u32) -> std::io::Result<File> {
     Ok(s)
 }
 
+/// A vsock listener on `port` of any local CID.
+fn listen(port: u32, backlog: libc::c_int) -> std::io::Result<File> {
+    let l = socket()?;
+    let a = vsock_addr(libc::VMADDR_CID_ANY, port);
+    // SAFETY: valid address and size; bind and listen on our own socket.
+    check(unsafe {
+        libc::bind(l.as_raw_fd(), &a as *const _ as *const libc::sockaddr, std::mem::size_of_val(&a) as u32)
+    })?;
+    check(unsafe { libc::listen(l.as_raw_fd(), backlog) })?;
+    Ok(l)
+}
+
+fn accept(l: &File) -> std::io::Result<File> {
+    // SAFETY: accept(2) without peer address.
+    let fd = unsafe { libc::accept4(l.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor from accept, owned from here on.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
 fn shutdown_write(f: &File) {
     // SAFETY: shutdown(2) on a socket we own.
     unsafe { libc::shutdown(f.as_raw_fd(), libc::SHUT_WR) };
@@ -88,23 +110,10 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 }
 
 fn echo_server(port: u32, conns: usize) -> std::io::Result<()> {
-    let l = socket()?;
-    let a = vsock_addr(libc::VMADDR_CID_ANY, port);
-    // SAFETY: valid address and size; listen on our own socket.
-    check(unsafe {
-        libc::bind(l.as_raw_fd(), &a as *const _ as *const libc::sockaddr, std::mem::size_of_val(&a) as u32)
-    })?;
-    check(unsafe { libc::listen(l.as_raw_fd(), 64) })?;
+    let l = listen(port, 64)?;
     let mut threads = Vec::new();
     for _ in 0..conns {
-        // SAFETY: accept(2) without peer address.
-        let fd =
-            unsafe { libc::accept4(l.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor from accept.
-        let mut s = unsafe { File::from_raw_fd(fd) };
+        let mut s = accept(&l)?;
         threads.push(std::thread::spawn(move || -> std::io::Result<u64> {
             let mut buf = vec![0u8; 64 * 1024];
             let mut total = 0u64;
@@ -163,20 +172,8 @@ fn echo_client(cid: u32, port: u32, conns: usize, bytes: usize) -> std::io::Resu
 
 /// Accepts one connection on vsock port PORT and reads it to the end.
 fn sink(port: u32) -> std::io::Result<()> {
-    let l = socket()?;
-    let a = vsock_addr(libc::VMADDR_CID_ANY, port);
-    // SAFETY: valid address and size; listen on our own socket.
-    check(unsafe {
-        libc::bind(l.as_raw_fd(), &a as *const _ as *const libc::sockaddr, std::mem::size_of_val(&a) as u32)
-    })?;
-    check(unsafe { libc::listen(l.as_raw_fd(), 1) })?;
-    // SAFETY: accept(2) without peer address.
-    let fd = unsafe { libc::accept4(l.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor from accept.
-    let mut s = unsafe { File::from_raw_fd(fd) };
+    let l = listen(port, 1)?;
+    let mut s = accept(&l)?;
     let started = std::time::Instant::now();
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0u64;

@@ -64,6 +64,17 @@ impl Vcpu {
         Ok(())
     }
 
+    /// The registers that say where a crashed guest was, for the log.
+    fn describe_state(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x} idt={:#x}/{:#x}",
+                r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector, s.idt.base, s.idt.limit
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("registers unavailable: {e}"),
+        }
+    }
+
     /// Runs the guest until it ends the VM, a fatal error occurs, or `stop`
     /// is set (the caller then interrupts KVM_RUN with a signal).
     pub fn run(mut self, stop: Arc<AtomicBool>) {
@@ -95,7 +106,10 @@ impl Vcpu {
                     continue;
                 }
                 Ok(VcpuExit::Hlt) => VmEvent::Reset,
-                Ok(VcpuExit::Shutdown) => VmEvent::TripleFault,
+                Ok(VcpuExit::Shutdown) => {
+                    tracing::error!(vcpu = self.id, state = %self.describe_state(), "triple fault");
+                    VmEvent::TripleFault
+                }
                 Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                     KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_RESET => VmEvent::Reset,
                     KVM_SYSTEM_EVENT_CRASH => VmEvent::Panic("the guest reported a crash to KVM".into()),

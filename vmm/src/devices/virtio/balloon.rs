@@ -36,7 +36,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT, Reader};
+use virtio_queue::{DescriptorChain, Queue, Reader};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -336,51 +336,12 @@ pub fn ram_pieces<M: GuestMemoryBackend>(
 /// Serves every chain the driver made available on `queue` with `serve`
 /// (which returns the used length), as the worker does on each
 /// notification; returns whether the driver wants an interrupt.
-pub fn process_queue<M, F>(queue: &mut Queue, mem: &M, mut serve: F) -> bool
+pub fn process_queue<M, F>(queue: &mut Queue, mem: &M, serve: F) -> bool
 where
     M: GuestMemoryBackend,
     F: FnMut(&M, DescriptorChain<&M>) -> u32,
 {
-    if !queue.ready() {
-        return false;
-    }
-    let mut used_any = false;
-    loop {
-        if let Err(e) = queue.disable_notification(mem) {
-            tracing::warn!("virtio-balloon: {e:?}");
-            return false;
-        }
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let len = serve(mem, chain);
-            match queue.add_used(mem, head, len) {
-                Ok(()) => used_any = true,
-                Err(e) => tracing::warn!("virtio-balloon: add_used: {e:?}"),
-            }
-        }
-        match queue.enable_notification(mem) {
-            // More arrived meanwhile, unless the driver's available index is
-            // more than a queue ahead: nothing can be popped from such a
-            // ring, and going on would spin this thread forever.
-            Ok(true) if avail_index_is_sane(queue, mem) => continue,
-            Ok(true) => {
-                tracing::warn!("virtio-balloon: the driver's available index is more than a queue ahead");
-                break;
-            }
-            Ok(false) => break,
-            Err(e) => {
-                tracing::warn!("virtio-balloon: {e:?}");
-                return false;
-            }
-        }
-    }
-    used_any && queue.needs_notification(mem).unwrap_or(true)
-}
-
-fn avail_index_is_sane<M: GuestMemoryBackend>(queue: &Queue, mem: &M) -> bool {
-    queue
-        .avail_idx(mem, Ordering::Acquire)
-        .is_ok_and(|idx| (idx - std::num::Wrapping(queue.next_avail())).0 <= queue.size())
+    super::queue::serve_queue("virtio-balloon", queue, mem, serve)
 }
 
 /// Configuration space: num_pages, actual, free_page_hint_cmd_id, poison_val
@@ -524,6 +485,7 @@ mod tests {
     use crate::devices::virtio::block::descriptor;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestMemoryMmap};
 
     /// Records (guest address, length) instead of discarding.

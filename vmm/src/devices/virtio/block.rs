@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use virtio_queue::{desc::split::Descriptor as SplitDescriptor, DescriptorChain, Queue, QueueT};
+use virtio_queue::{desc::split::Descriptor as SplitDescriptor, DescriptorChain, Queue};
 use virtio_queue::{Reader, Writer};
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{GuestMemory, GuestMemoryMmap};
@@ -259,44 +259,7 @@ impl BlockWorker {
 /// Serves every request the driver made available on `queue`, as the worker
 /// does on each notification; returns whether the driver wants an interrupt.
 pub fn process_queue<D: Disk, M: GuestMemory>(handler: &mut RequestHandler<D>, queue: &mut Queue, mem: &M) -> bool {
-    loop {
-        if let Err(e) = queue.disable_notification(mem) {
-            tracing::warn!("virtio-blk: {e:?}");
-            return false;
-        }
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let len = handler.handle(mem, chain);
-            if let Err(e) = queue.add_used(mem, head, len) {
-                tracing::warn!("virtio-blk: add_used: {e:?}");
-            }
-        }
-        match queue.enable_notification(mem) {
-            // More arrived meanwhile, unless the driver's available index is
-            // more than a queue ahead: no chain can be popped from such a
-            // ring, and going on would spin this thread forever.
-            Ok(true) if avail_index_is_sane(queue, mem) => continue,
-            Ok(true) => {
-                tracing::warn!(
-                    "virtio-blk: the driver's available index is more than a queue ahead; ignoring the queue"
-                );
-                break;
-            }
-            Ok(false) => break,
-            Err(e) => {
-                tracing::warn!("virtio-blk: {e:?}");
-                return false;
-            }
-        }
-    }
-    queue.needs_notification(mem).unwrap_or(true)
-}
-
-/// Whether the driver's available index is at most a queue ahead of ours.
-fn avail_index_is_sane<M: GuestMemory>(queue: &Queue, mem: &M) -> bool {
-    queue
-        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-        .is_ok_and(|idx| (idx - std::num::Wrapping(queue.next_avail())).0 <= queue.size())
+    super::queue::serve_queue("virtio-blk", queue, mem, |m, chain| handler.handle(m, chain))
 }
 
 impl DeviceWorker for BlockWorker {
@@ -327,6 +290,7 @@ mod tests {
     use super::*;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress};
 
     struct MemDisk(Vec<u8>, usize);
