@@ -203,10 +203,11 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|source| Error::Kvm { what: "report its supported CPUID", source })?;
+    let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     let mut vcpus = Vec::new();
     for id in 0..config.vcpus {
         let vcpu = Vcpu::new(&vm.fd, id, pio.clone(), mmio.clone(), events.clone())?;
-        vcpu.configure(&supported, config.vcpus, &vm.memory, (id == 0).then_some(loaded.entry))?;
+        vcpu.configure(&supported, tsc_deadline, config.vcpus, &vm.memory, (id == 0).then_some(loaded.entry))?;
         vcpus.push(vcpu);
     }
 

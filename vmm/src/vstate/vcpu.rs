@@ -42,6 +42,7 @@ impl Vcpu {
     pub fn configure(
         &self,
         supported_cpuid: &CpuId,
+        tsc_deadline: bool,
         count: u8,
         mem: &GuestMemoryMmap,
         entry: Option<EntryPoint>,
@@ -49,7 +50,7 @@ impl Vcpu {
         let id = self.id;
         let kvm = |what| move |source| Error::Kvm { id, what, source };
         let mut cpuid = supported_cpuid.clone();
-        cpuid::patch_for_vcpu(&mut cpuid, id, count);
+        cpuid::patch_for_vcpu(&mut cpuid, id, count, tsc_deadline);
         self.fd.set_cpuid2(&cpuid).map_err(kvm("set the CPUID"))?;
         let msrs = msr::boot_msrs();
         let set = self.fd.set_msrs(&msrs).map_err(kvm("set the MSRs"))?;
