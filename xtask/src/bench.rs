@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use crate::artefacts::Artefacts;
 use crate::place;
 
-pub const BENCHES: &[&str] = &["boot"];
+pub const BENCHES: &[&str] = &["boot", "devices"];
 
 /// The kernel command line both VMMs boot with (hearth-vmm's defaults).
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
@@ -33,6 +33,7 @@ pub fn inner(name: &str) -> Result<()> {
     let a = Artefacts::from_env()?;
     match name {
         "boot" => boot(&a),
+        "devices" => crate::bench_devices::run(&a),
         _ => bail!("no benchmark {name:?}"),
     }
 }
