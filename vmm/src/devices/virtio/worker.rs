@@ -16,6 +16,12 @@ pub struct Poller {
 }
 
 impl Poller {
+    /// A poller of its own, outside a worker (tests and fuzz targets that
+    /// drive a device's handlers directly).
+    pub fn new() -> std::io::Result<Poller> {
+        Ok(Poller { epoll: Epoll::new()? })
+    }
+
     pub fn add(&self, fd: RawFd, token: u64, events: EventSet) -> std::io::Result<()> {
         self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
     }
@@ -55,7 +61,7 @@ impl WorkerHandle {
 pub fn spawn(name: &str, mut worker: impl DeviceWorker) -> Result<WorkerHandle, String> {
     let err = |what: &str, e: std::io::Error| format!("{name}: {what}: {e}");
     let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| err("eventfd", e))?;
-    let poller = Poller { epoll: Epoll::new().map_err(|e| err("epoll", e))? };
+    let poller = Poller::new().map_err(|e| err("epoll", e))?;
     poller.add(stop.as_raw_fd(), STOP_TOKEN, EventSet::IN).map_err(|e| err("epoll_ctl", e))?;
     worker.init(&poller).map_err(|e| err("registering descriptors", e))?;
     let thread_name = name.to_string();

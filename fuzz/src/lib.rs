@@ -1,0 +1,3 @@
+//! Helpers of the fuzz targets in fuzz_targets/.
+
+pub mod chains;
