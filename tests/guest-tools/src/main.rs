@@ -9,6 +9,13 @@
 //!   reading the echo, checks every byte, prints `HEARTH-VSOCK-ECHOED: N`.
 //! - `vsock-sink PORT`: reads one connection to its end, prints the bytes
 //!   and seconds (the vsock benchmark).
+//! - `fuse-hello MOUNTPOINT`: mounts and serves a one-file FUSE filesystem
+//!   over /dev/fuse (see `fuse_hello`).
+//! - `hog MIB`: allocates and dirties MIB MiB, to get OOM-killed in a
+//!   memory-limited container (see `hog`).
+
+mod fuse_hello;
+mod hog;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -205,7 +212,17 @@ fn main() -> ExitCode {
             (Some(cid), Some(port), Some(conns), Some(bytes)) => echo_client(cid as u32, port as u32, conns, bytes),
             _ => Err(std::io::Error::other("usage: vsock-echo-client CID PORT CONNS BYTES")),
         },
-        _ => Err(std::io::Error::other("usage: hearth-guest-tool vsock-echo-server|vsock-echo-client ...")),
+        Some("fuse-hello") => match args.get(2) {
+            Some(mountpoint) => fuse_hello::run(std::path::Path::new(mountpoint)),
+            _ => Err(std::io::Error::other("usage: fuse-hello MOUNTPOINT")),
+        },
+        Some("hog") => match num(2) {
+            Some(mib) => hog::run(mib),
+            _ => Err(std::io::Error::other("usage: hog MIB")),
+        },
+        _ => Err(std::io::Error::other(
+            "usage: hearth-guest-tool vsock-echo-server|vsock-echo-client|vsock-sink|fuse-hello|hog ...",
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
