@@ -1,0 +1,170 @@
+//! Turning a create request into a bundle libcontainer can run: the
+//! container's root filesystem (a directory, or an overlay assembled here)
+//! and a config.json pointing at it.
+
+use std::path::{Path, PathBuf};
+
+use hearth_agent_protocol::agent::Rootfs;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use oci_spec::runtime::{RootBuilder, Spec};
+
+use crate::error::{AgentError, Result};
+
+/// A prepared bundle; [`Bundle::remove`] undoes it.
+#[derive(Debug)]
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub rootfs: PathBuf,
+    /// The overlay this agent mounted, if it assembled one.
+    pub overlay: Option<PathBuf>,
+    /// The cgroup path in the spec (set to `/hearth/<id>` when absent).
+    pub cgroup_path: PathBuf,
+}
+
+/// Container ids become directory names and cgroup names: keep them plain.
+pub fn check_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id != "."
+        && id != ".."
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(AgentError::InvalidArgument(format!(
+            "container id {id:?} is not valid: use 1 to 128 letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
+/// Writes the bundle for container `id` under `bundles_dir`.
+pub fn prepare(bundles_dir: &Path, id: &str, mut spec: Spec, rootfs: &Rootfs) -> Result<Bundle> {
+    let dir = bundles_dir.join(id);
+    if dir.exists() {
+        return Err(AgentError::AlreadyExists(format!("container {id:?} already exists")));
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| AgentError::internal(format!("creating {}", dir.display()), e))?;
+    let result = (|| {
+        let (root_path, overlay) = if rootfs.lower_dirs.is_empty() {
+            if rootfs.path.is_empty() {
+                return Err(AgentError::InvalidArgument(
+                    "no root filesystem: give rootfs.path or rootfs.lower_dirs".into(),
+                ));
+            }
+            let p = PathBuf::from(&rootfs.path);
+            if !p.is_absolute() || !p.is_dir() {
+                return Err(AgentError::InvalidArgument(format!(
+                    "the root filesystem {:?} is not a directory in the guest: mount it first (Mount) or give an absolute path",
+                    rootfs.path
+                )));
+            }
+            (p, None)
+        } else {
+            let target = dir.join("rootfs");
+            mount_overlay(&dir, &target, rootfs)?;
+            (target.clone(), Some(target))
+        };
+        let readonly = spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false);
+        let root = RootBuilder::default()
+            .path(root_path.clone())
+            .readonly(readonly)
+            .build()
+            .map_err(|e| AgentError::internal("building the spec's root", e))?;
+        spec.set_root(Some(root));
+        let mut linux = spec.linux().clone().unwrap_or_default();
+        let cgroup_path = match linux.cgroups_path() {
+            Some(p) if p.is_absolute() => p.clone(),
+            Some(p) => Path::new("/").join(p),
+            None => PathBuf::from(format!("/hearth/{id}")),
+        };
+        linux.set_cgroups_path(Some(cgroup_path.clone()));
+        spec.set_linux(Some(linux));
+        let json = serde_json::to_vec_pretty(&spec).map_err(|e| AgentError::internal("writing config.json", e))?;
+        std::fs::write(dir.join("config.json"), json).map_err(|e| AgentError::internal("writing config.json", e))?;
+        Ok(Bundle { dir: dir.clone(), rootfs: root_path, overlay, cgroup_path })
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+fn mount_overlay(dir: &Path, target: &Path, rootfs: &Rootfs) -> Result<()> {
+    for lower in &rootfs.lower_dirs {
+        if !Path::new(lower).is_dir() {
+            return Err(AgentError::InvalidArgument(format!(
+                "overlay layer {lower:?} is not a directory in the guest"
+            )));
+        }
+        if lower.contains(':') || lower.contains(',') {
+            return Err(AgentError::InvalidArgument(format!("overlay layer {lower:?} has a ':' or ','")));
+        }
+    }
+    let upper = if rootfs.upper_dir.is_empty() { dir.join("upper") } else { PathBuf::from(&rootfs.upper_dir) };
+    let work = if rootfs.work_dir.is_empty() { dir.join("work") } else { PathBuf::from(&rootfs.work_dir) };
+    for d in [&upper, &work, &target.to_path_buf()] {
+        std::fs::create_dir_all(d).map_err(|e| AgentError::internal(format!("creating {}", d.display()), e))?;
+    }
+    let data =
+        format!("lowerdir={},upperdir={},workdir={}", rootfs.lower_dirs.join(":"), upper.display(), work.display());
+    mount(Some("overlay"), target, Some("overlay"), MsFlags::empty(), Some(data.as_str()))
+        .map_err(|e| AgentError::internal(format!("mounting the overlay root filesystem ({data})"), e))
+}
+
+impl Bundle {
+    pub fn remove(&self) {
+        if let Some(o) = &self.overlay {
+            if let Err(e) = umount2(o, MntFlags::MNT_DETACH) {
+                tracing::warn!(overlay = %o.display(), "unmounting the overlay: {e}");
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), "removing the bundle: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_plain_names() {
+        assert!(check_id("web-1_a.b").is_ok());
+        for bad in ["", "..", "a/b", "a b", &"x".repeat(129)] {
+            let e = check_id(bad).unwrap_err();
+            assert!(e.to_string().contains("is not valid"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_directory_rootfs_is_written_into_config_json_with_a_cgroup() {
+        let tmp = std::env::temp_dir().join(format!("hearth-bundle-{}", std::process::id()));
+        let root = tmp.join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        let spec: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["/bin/true"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": "elsewhere", "readonly": true},
+            "linux": {}
+        }))
+        .unwrap();
+        let rootfs = Rootfs { path: root.display().to_string(), ..Default::default() };
+        let b = prepare(&tmp.join("bundles"), "c1", spec.clone(), &rootfs).unwrap();
+        let written: Spec = serde_json::from_slice(&std::fs::read(b.dir.join("config.json")).unwrap()).unwrap();
+        assert_eq!(written.root().as_ref().unwrap().path(), &root);
+        assert_eq!(written.root().as_ref().unwrap().readonly(), Some(true));
+        assert_eq!(b.cgroup_path, PathBuf::from("/hearth/c1"));
+        // The same id twice is refused, and nothing is lost.
+        let again = prepare(&tmp.join("bundles"), "c1", spec.clone(), &rootfs).unwrap_err();
+        assert!(matches!(again, AgentError::AlreadyExists(_)));
+        assert!(b.dir.join("config.json").exists());
+        b.remove();
+        // A missing rootfs is named.
+        let missing = Rootfs { path: "/nonexistent/rootfs".into(), ..Default::default() };
+        let e = prepare(&tmp.join("bundles"), "c2", spec, &missing).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/rootfs"), "{e}");
+        assert!(!tmp.join("bundles/c2").exists());
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+}

@@ -1,0 +1,115 @@
+//! The VM's network: loopback always; eth0 with the address and gateway on
+//! the command line (`hearth.ip=ADDR/PREFIX hearth.gw=GW`) when given.
+//! Done with the classic interface ioctls: three calls do not justify a
+//! netlink stack in PID 1.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use super::BootParams;
+
+fn ifreq(name: &str) -> io::Result<libc::ifreq> {
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= req.ifr_name.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("interface name {name:?} is too long")));
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    Ok(req)
+}
+
+fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from(addr).to_be() },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size; the kernel reads
+    // the family to know which it is.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+fn ioctl(sock: &OwnedFd, request: libc::c_ulong, arg: *mut libc::c_void, what: &str) -> io::Result<()> {
+    // SAFETY: each caller passes the structure its request expects.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), request, arg) } < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("{what}: {e}")));
+    }
+    Ok(())
+}
+
+fn set_up(sock: &OwnedFd, name: &str) -> io::Result<()> {
+    let mut req = ifreq(name)?;
+    ioctl(sock, libc::SIOCGIFFLAGS, &mut req as *mut _ as *mut _, &format!("reading {name}'s flags"))?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
+    ioctl(sock, libc::SIOCSIFFLAGS, &mut req as *mut _ as *mut _, &format!("bringing {name} up"))
+}
+
+/// Parses `ADDR/PREFIX` into the address and its netmask.
+pub fn parse_cidr(s: &str) -> io::Result<(Ipv4Addr, Ipv4Addr)> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidInput, format!("hearth.ip={s:?} is not ADDR/PREFIX"));
+    let (a, p) = s.split_once('/').ok_or_else(bad)?;
+    let addr: Ipv4Addr = a.parse().map_err(|_| bad())?;
+    let prefix: u32 = p.parse().map_err(|_| bad())?;
+    if prefix > 32 {
+        return Err(bad());
+    }
+    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+    Ok((addr, Ipv4Addr::from(mask)))
+}
+
+pub fn bring_up(params: &BootParams) -> io::Result<()> {
+    // SAFETY: socket(2) returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_up(&sock, "lo")?;
+    let Some(ip) = &params.ip else { return Ok(()) };
+    let (addr, mask) = parse_cidr(ip)?;
+    let mut req = ifreq("eth0")?;
+    req.ifr_ifru.ifru_addr = sockaddr(addr);
+    ioctl(&sock, libc::SIOCSIFADDR, &mut req as *mut _ as *mut _, "setting eth0's address")?;
+    req.ifr_ifru.ifru_netmask = sockaddr(mask);
+    ioctl(&sock, libc::SIOCSIFNETMASK, &mut req as *mut _ as *mut _, "setting eth0's netmask")?;
+    set_up(&sock, "eth0")?;
+    if let Some(gw) = &params.gateway {
+        let gw: Ipv4Addr = gw
+            .parse()
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("hearth.gw={gw:?} is not an address")))?;
+        // SAFETY: rtentry is plain old data.
+        let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+        rt.rt_dst = sockaddr(Ipv4Addr::UNSPECIFIED);
+        rt.rt_genmask = sockaddr(Ipv4Addr::UNSPECIFIED);
+        rt.rt_gateway = sockaddr(gw);
+        rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+        ioctl(&sock, libc::SIOCADDRT, &mut rt as *mut _ as *mut _, "adding the default route")?;
+    }
+    tracing::info!(%addr, %mask, gateway = ?params.gateway, "eth0 up");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_parse_to_address_and_mask() {
+        assert_eq!(
+            parse_cidr("10.0.2.15/24").unwrap(),
+            ("10.0.2.15".parse().unwrap(), "255.255.255.0".parse().unwrap())
+        );
+        assert_eq!(parse_cidr("1.2.3.4/32").unwrap().1, Ipv4Addr::BROADCAST);
+        assert_eq!(parse_cidr("1.2.3.4/0").unwrap().1, Ipv4Addr::UNSPECIFIED);
+        for bad in ["1.2.3.4", "1.2.3/24", "1.2.3.4/33", "x/1"] {
+            assert!(parse_cidr(bad).is_err(), "{bad}");
+        }
+    }
+}
