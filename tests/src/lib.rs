@@ -4,6 +4,8 @@
 //! the test host, and passes every path in `HEARTH_*` environment variables.
 //! Run by hand without those, a suite fails and says how to run it.
 
+pub mod agent;
+
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::PathBuf;
@@ -19,6 +21,10 @@ pub struct Env {
     pub boot_initramfs: PathBuf,
     /// tests/guest-tools, statically linked, to copy into guests.
     pub guest_tool: PathBuf,
+    /// hearth-agent, statically linked (the VM's /init, and the native agent).
+    pub agent: PathBuf,
+    /// The initramfs whose /init is hearth-agent.
+    pub agent_initramfs: PathBuf,
 }
 
 fn var(name: &str) -> String {
@@ -39,6 +45,8 @@ impl Env {
             kernel_release: var("HEARTH_KERNEL_RELEASE"),
             boot_initramfs: var("HEARTH_BOOT_INITRAMFS").into(),
             guest_tool: var("HEARTH_GUEST_TOOL").into(),
+            agent: var("HEARTH_AGENT").into(),
+            agent_initramfs: var("HEARTH_AGENT_INITRAMFS").into(),
         }
     }
 }
@@ -315,5 +323,22 @@ mod streaming_tests {
     fn streaming_hang_guard_kills() {
         let f = run_streaming(Command::new("/bin/sleep").arg("30"), Duration::from_millis(200), |_, _| {});
         assert!(f.killed);
+    }
+}
+
+/// Waits for a child at most `guard` (a hang guard), killing it after; the
+/// exit code, or None if it had to be killed or died of a signal.
+pub fn wait_timeout(child: &mut std::process::Child, guard: Duration) -> Option<i32> {
+    let deadline = Instant::now() + guard;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status.code();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

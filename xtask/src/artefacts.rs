@@ -19,6 +19,10 @@ pub struct Artefacts {
     pub boot_initramfs: PathBuf,
     /// Static guest-side test programs (tests/guest-tools).
     pub guest_tool: PathBuf,
+    /// hearth-agent, statically linked.
+    pub agent: PathBuf,
+    /// The initramfs whose /init is hearth-agent.
+    pub agent_initramfs: PathBuf,
     pub virtiofsd: PathBuf,
 }
 
@@ -36,6 +40,8 @@ impl Artefacts {
                 .env("RUSTFLAGS", "-C target-feature=+crt-static")
                 .current_dir(paths::workspace()),
         )?;
+        let agent = build_static_agent()?;
+        let agent_initramfs = guest::ensure_agent_initramfs(&agent)?;
         let k = kernel::find()?;
         Ok(Artefacts {
             vmm: paths::release_bin("hearth-vmm"),
@@ -44,6 +50,8 @@ impl Artefacts {
             kernel_release: k.release,
             boot_initramfs: guest::find_boot_initramfs()?,
             guest_tool: paths::target_dir().join(GUEST_TARGET).join("release/hearth-guest-tool"),
+            agent,
+            agent_initramfs,
             virtiofsd: crate::setup::find_virtiofsd().context("virtiofsd is not installed: run `cargo xtask setup`")?,
         })
     }
@@ -56,6 +64,8 @@ impl Artefacts {
             ("HEARTH_KERNEL_RELEASE", self.kernel_release.clone()),
             ("HEARTH_BOOT_INITRAMFS", self.boot_initramfs.display().to_string()),
             ("HEARTH_GUEST_TOOL", self.guest_tool.display().to_string()),
+            ("HEARTH_AGENT", self.agent.display().to_string()),
+            ("HEARTH_AGENT_INITRAMFS", self.agent_initramfs.display().to_string()),
             ("HEARTH_VIRTIOFSD", self.virtiofsd.display().to_string()),
         ]
     }
@@ -70,6 +80,8 @@ impl Artefacts {
             kernel_release: get("HEARTH_KERNEL_RELEASE")?,
             boot_initramfs: get("HEARTH_BOOT_INITRAMFS")?.into(),
             guest_tool: get("HEARTH_GUEST_TOOL")?.into(),
+            agent: get("HEARTH_AGENT")?.into(),
+            agent_initramfs: get("HEARTH_AGENT_INITRAMFS")?.into(),
             virtiofsd: get("HEARTH_VIRTIOFSD")?.into(),
         })
     }
@@ -86,6 +98,20 @@ impl Artefacts {
         }
         s
     }
+}
+
+/// Builds hearth-agent as one static binary: it is the VM's /init, alone on
+/// its initramfs. libseccomp is linked statically from Debian's libseccomp.a.
+pub fn build_static_agent() -> Result<PathBuf> {
+    sh::run(
+        cmd("cargo")
+            .args(["build", "--release", "-p", "hearth-agent", "--target", GUEST_TARGET])
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .env("LIBSECCOMP_LINK_TYPE", "static")
+            .env("LIBSECCOMP_LIB_PATH", "/usr/lib/x86_64-linux-gnu")
+            .current_dir(paths::workspace()),
+    )?;
+    Ok(paths::target_dir().join(GUEST_TARGET).join("release/hearth-agent"))
 }
 
 /// Single-quotes a string for sh.

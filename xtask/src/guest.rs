@@ -1,5 +1,6 @@
-//! Guest images the utility VM boots. For now: the minimal busybox
-//! initramfs whose init is tests/guest/init.sh.
+//! Guest images the utility VM boots: the agent initramfs (hearth-agent as
+//! /init, the runtime's image), and the minimal busybox initramfs whose init is
+//! tests/guest/init.sh (the boot and device suites' image).
 
 use std::path::PathBuf;
 
@@ -43,5 +44,33 @@ pub fn ensure_boot_initramfs() -> Result<PathBuf> {
     a.file("init", 0o755, BOOT_INIT.as_bytes());
     sh::write_atomic(&path, &a.finish())?;
     eprintln!("==> boot initramfs {} ({} KiB)", path.display(), std::fs::metadata(&path)?.len() / 1024);
+    Ok(path)
+}
+
+/// The agent initramfs for a built agent binary, cached by its hash. Holds
+/// /init and the directories the kernel and the agent need before they mount
+/// anything; containers bring everything else.
+pub fn ensure_agent_initramfs(agent: &std::path::Path) -> Result<PathBuf> {
+    let bin = std::fs::read(agent).with_context(|| format!("reading {}", agent.display()))?;
+    let key = sh::key(&[b"agent-initramfs-v1", &bin]);
+    let path = paths::cache().join("initramfs").join(key).join("agent.cpio");
+    if path.exists() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    let mut a = Archive::default();
+    for d in ["dev", "proc", "sys", "run", "tmp", "mnt"] {
+        a.dir(d);
+    }
+    // The kernel opens /dev/console for init before anything is mounted.
+    a.char_dev("dev/console", 0o600, 5, 1);
+    a.file("init", 0o755, &bin);
+    sh::write_atomic(&path, &a.finish())?;
+    eprintln!(
+        "==> agent initramfs {} ({:.1} MiB; hearth-agent {:.1} MiB)",
+        path.display(),
+        std::fs::metadata(&path)?.len() as f64 / 1048576.0,
+        bin.len() as f64 / 1048576.0
+    );
     Ok(path)
 }

@@ -24,7 +24,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "userland of the boot initramfs and of the test host"),
     ("qemu-system-x86", "the test host, and the reference VMM of `bench boot`"),
     ("e2fsprogs", "ext4 images for the guest's disks (mke2fs -d, debugfs)"),
-    ("libseccomp-dev", "building virtiofsd"),
+    ("libseccomp-dev", "building virtiofsd, and libseccomp.a for the static hearth-agent"),
     ("libcap-ng-dev", "building virtiofsd"),
     ("iproute2", "taps for virtio-net in the e2e suites"),
 ];
@@ -88,6 +88,9 @@ pub fn run() -> Result<()> {
     std::fs::create_dir_all(paths::cache())?;
     kernel::ensure()?;
     guest::ensure_boot_initramfs()?;
+    // The runtime's image: hearth-agent, static, as the initramfs's /init.
+    let agent = crate::artefacts::build_static_agent()?;
+    guest::ensure_agent_initramfs(&agent)?;
     // The test host is needed wherever /dev/kvm is not hardware-backed, and
     // HEARTH_TESTHOST=always asks for it anywhere: prepare it always (cheap).
     testhost::ensure_assets()?;
