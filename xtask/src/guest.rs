@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use crate::cpio::Archive;
 use crate::paths;
 use crate::sh;
+use crate::sh::cmd;
 use crate::testhost::BUSYBOX;
 
 const BOOT_INIT: &str = include_str!("../../tests/guest/init.sh");
@@ -51,18 +52,25 @@ pub fn ensure_boot_initramfs() -> Result<PathBuf> {
 /// /init and the directories the kernel and the agent need before they mount
 /// anything; containers bring everything else.
 pub fn ensure_agent_initramfs(agent: &std::path::Path) -> Result<PathBuf> {
-    let bin = std::fs::read(agent).with_context(|| format!("reading {}", agent.display()))?;
-    let key = sh::key(&[b"agent-initramfs-v1", &bin]);
+    let full = std::fs::read(agent).with_context(|| format!("reading {}", agent.display()))?;
+    let key = sh::key(&[b"agent-initramfs-v1", &full]);
     let path = paths::cache().join("initramfs").join(key).join("agent.cpio");
     if path.exists() {
         return Ok(path);
     }
     std::fs::create_dir_all(path.parent().unwrap())?;
+    // The release profile keeps line tables for backtraces; the guest's copy
+    // goes without (it stays in guest memory for the VM's life).
+    let stripped = path.with_file_name("hearth-agent.stripped");
+    sh::run(cmd("strip").arg("--strip-debug").arg("-o").arg(&stripped).arg(agent))?;
+    let bin = std::fs::read(&stripped)?;
     let mut a = Archive::default();
     for d in ["dev", "proc", "sys", "run", "tmp", "mnt"] {
         a.dir(d);
     }
     // The kernel opens /dev/console for init before anything is mounted.
+    // (/newroot: where the agent moves to leave the initramfs.)
+    a.dir("newroot");
     a.char_dev("dev/console", 0o600, 5, 1);
     a.file("init", 0o755, &bin);
     sh::write_atomic(&path, &a.finish())?;

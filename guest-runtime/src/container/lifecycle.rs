@@ -371,7 +371,20 @@ impl Containers {
                 "container {id:?} is {status:?}: stop it first, or delete with force"
             )));
         }
-        c.lc.delete(true).map_err(|e| lc_error("deleting", id, e))?;
+        // Kill everything in the cgroup and wait until it is empty before
+        // libcontainer removes it: its own removal gives up after a short
+        // while, which a slow (nested, emulated) machine can exceed.
+        if status != ContainerStatus::Stopped {
+            let _ = c.lc.kill(Signal::SIGKILL, true);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while c.cgroup.pids().is_ok_and(|p| !p.is_empty()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Err(first) = c.lc.delete(true) {
+            std::thread::sleep(Duration::from_millis(500));
+            c.lc.delete(true).map_err(|e| lc_error("deleting", id, format!("{e} (first attempt: {first})")))?;
+        }
         // Make sure the init is gone and reaped before its state is dropped.
         let init = c.init.pid;
         if init > 0 && self.reaper.wait(init, Some(Duration::from_secs(5))).is_none() {

@@ -49,6 +49,7 @@ impl BootParams {
 /// Brings the VM's userspace up. Failures of optional parts are logged, not
 /// fatal: an agent that serves is worth more than a perfect one that died.
 pub fn init(params: &BootParams) -> anyhow::Result<()> {
+    mounts::leave_initramfs()?;
     mounts::mount_all()?;
     let hostname = params.hostname.as_deref().unwrap_or("hearth");
     if let Err(e) = nix::unistd::sethostname(hostname) {

@@ -63,10 +63,39 @@ fn is_mountpoint(target: &str) -> bool {
     mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(target))
 }
 
+/// Moves PID 1 off the initramfs onto a fresh tmpfs root.
+///
+/// The kernel's initial root ("rootfs") cannot be pivoted away from:
+/// pivot_root(2) fails with EINVAL there, and libcontainer pivots into every
+/// container's root. So, as switch_root does for a distribution's initrd, PID
+/// 1 mounts a tmpfs, moves it over `/` and chroots into it. The initramfs held
+/// only /init, which keeps running from memory; it is unlinked so its pages go
+/// when nothing maps them.
+pub fn leave_initramfs() -> anyhow::Result<()> {
+    use nix::sys::statfs::{statfs, FsType, TMPFS_MAGIC};
+    const RAMFS_MAGIC: FsType = FsType(0x858458f6);
+    let fs = statfs("/").context("statfs /")?;
+    if fs.filesystem_type() != RAMFS_MAGIC && fs.filesystem_type() != TMPFS_MAGIC {
+        return Ok(()); // booted from a real root filesystem
+    }
+    let new = Path::new("/newroot");
+    std::fs::create_dir_all(new).context("creating /newroot")?;
+    mount(Some("tmpfs"), new, Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=0755"))
+        .context("mounting the new root tmpfs")?;
+    for d in ["dev", "proc", "sys", "run", "tmp", "mnt"] {
+        std::fs::create_dir_all(new.join(d))?;
+    }
+    let _ = std::fs::remove_file("/init");
+    nix::unistd::chdir(new)?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).context("moving the new root over /")?;
+    nix::unistd::chroot(".").context("chroot into the new root")?;
+    nix::unistd::chdir("/")?;
+    Ok(())
+}
+
 pub fn mount_all() -> anyhow::Result<()> {
     for fs in FILESYSTEMS {
         std::fs::create_dir_all(fs.target).with_context(|| format!("creating {}", fs.target))?;
-        // The kernel mounts devtmpfs itself with DEVTMPFS_MOUNT.
         if fs.target != "/proc" && is_mountpoint(fs.target) {
             continue;
         }
