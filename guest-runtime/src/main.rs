@@ -66,11 +66,15 @@ fn main() {
 
 /// PID 1: bring the VM up, serve on vsock, and never return.
 fn run_as_init() -> ! {
+    // Without /proc or cgroups no container can run: say why and stop the
+    // VM, rather than hang.
+    if let Err(e) = pid1::mount_filesystems() {
+        eprintln!("hearth-agent: mounting the VM's filesystems failed: {e:#}");
+        pid1::power_off();
+    }
     let params = pid1::BootParams::from_kernel();
     logging(params.log.as_deref().unwrap_or(DEFAULT_LOG));
     if let Err(e) = pid1::init(&params) {
-        // Without /proc or cgroups no container can run: say why and stop
-        // the VM, rather than hang.
         tracing::error!("hearth-agent: bringing the VM up failed: {e:#}");
         pid1::power_off();
     }

@@ -78,6 +78,9 @@ pub fn mount_request(req: &MountRequest) -> Result<()> {
         let hint = match e {
             nix::errno::Errno::ENOENT => " (no such device or tag: is it attached to the VM?)",
             nix::errno::Errno::ENODEV => " (the guest kernel does not know this filesystem type)",
+            nix::errno::Errno::EINVAL if req.fstype == "virtiofs" => {
+                " (no virtio-fs device has this tag: check the VM's --fs tag=)"
+            }
             _ => "",
         };
         AgentError::FailedPrecondition(format!("mounting {} ({}) on {}: {e}{hint}", req.source, req.fstype, req.target))

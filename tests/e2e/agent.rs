@@ -7,7 +7,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use hearth_agent_protocol::agent::{Empty, MountRequest};
+use hearth_agent_protocol::agent::{Empty, MountRequest, SyncTimeRequest};
 use hearth_agent_protocol::transport::{AgentAddress, AGENT_PORT};
 use hearth_e2e::agent::{busybox_rootfs, Agent, CASES};
 use hearth_e2e::{Env, Scratch};
@@ -24,6 +24,8 @@ fn container_lifecycle_in_the_vm() {
     busybox_rootfs(&rootfs, &env.guest_tool).unwrap();
     let vsock = scratch.path("vsock.sock");
     let console = scratch.path("console.log");
+    // PID 1 configures eth0 and the hostname from the command line.
+    let _tap = hearth_e2e::TapDevice::new("hearthag0", "172.31.1.1/24");
     let mut vmm = Command::new(&env.vmm)
         .arg("--kernel")
         .arg(&env.vmlinux)
@@ -35,6 +37,8 @@ fn container_lifecycle_in_the_vm() {
         .arg(format!("cid=3,socket={}", vsock.display()))
         .arg("--fs")
         .arg(format!("tag=rootfs,dir={}", rootfs.display()))
+        .args(["--net", "tap=hearthag0"])
+        .args(["--cmdline", "hearth.hostname=hearth-vm hearth.ip=172.31.1.2/24 hearth.gw=172.31.1.1"])
         .stdin(Stdio::null())
         .spawn()
         .expect("starting hearth-vmm");
@@ -63,6 +67,31 @@ fn container_lifecycle_in_the_vm() {
     let bad = MountRequest { source: "nosuchtag".into(), target: "/mnt/x".into(), ..mount.clone() };
     let e = agent.client.mount(ctx(60), &bad).unwrap_err();
     assert!(format!("{e:?}").contains("nosuchtag"), "{e:?}");
+
+    // The guest clock follows the host's after SyncTime (a VM has no clock
+    // of its own worth trusting); a container sees the same time.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let req = SyncTimeRequest { unix_nanos: now.as_nanos() as i64, ..Default::default() };
+    agent.client.sync_time(ctx(10), &req).expect("SyncTime");
+    let o = agent.run("clock", &hearth_e2e::agent::spec(&["/bin/date", "+%s"])).expect("running date");
+    let guest_secs: i64 = o.stdout.trim().parse().expect("date +%s");
+    assert!((guest_secs - now.as_secs() as i64).abs() < 120, "guest clock {guest_secs}, host {}", now.as_secs());
+
+    // The network and hostname PID 1 set up, seen from the host and from a
+    // container sharing the VM's namespaces.
+    let ping = Command::new("/bin/busybox").args(["ping", "-c", "3", "-W", "10", "172.31.1.2"]).output().unwrap();
+    assert!(
+        ping.status.success(),
+        "the host cannot ping the guest: {}\n--- console ---\n{}",
+        String::from_utf8_lossy(&ping.stdout),
+        console_text()
+    );
+    let mut shared =
+        hearth_e2e::agent::spec(&["/bin/sh", "-c", "hostname; ip -4 addr show eth0 | grep -o 'inet [0-9./]*'"]);
+    shared["linux"]["namespaces"] = serde_json::json!([{"type": "pid"}, {"type": "mount"}]);
+    shared.as_object_mut().unwrap().remove("hostname");
+    let o = agent.run("vmview", &shared).expect("a container in the VM's namespaces");
+    assert_eq!(o.stdout, "hearth-vm\ninet 172.31.1.2/24\n", "stderr {:?}", o.stderr);
 
     let filter = std::env::var("HEARTH_AGENT_CASES").unwrap_or_default();
     let mut failed = Vec::new();

@@ -295,25 +295,6 @@ fn fs_missing_shared_directory_is_a_clear_error() {
     assert!(f.stderr.contains("/nonexistent/share does not exist"), "{}", f.describe());
 }
 
-/// A tap with an address, removed when dropped.
-struct TapDevice(String);
-
-impl TapDevice {
-    fn new(name: &str, cidr: &str) -> TapDevice {
-        let _ = Command::new("ip").args(["link", "del", name]).output();
-        hearth_e2e::host(Command::new("ip").args(["tuntap", "add", "dev", name, "mode", "tap"]));
-        hearth_e2e::host(Command::new("ip").args(["addr", "add", cidr, "dev", name]));
-        hearth_e2e::host(Command::new("ip").args(["link", "set", name, "up"]));
-        TapDevice(name.to_string())
-    }
-}
-
-impl Drop for TapDevice {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.0]).output();
-    }
-}
-
 #[test]
 fn net_guest_pings_the_host_and_moves_8_mib_each_way_over_tcp() {
     use std::io::{Read, Write};
@@ -321,7 +302,7 @@ fn net_guest_pings_the_host_and_moves_8_mib_each_way_over_tcp() {
     let env = Env::get();
     let scratch = Scratch::new("net");
     // Addresses of the test's own network, inside the test host only.
-    let _tap = TapDevice::new("hearthe2e0", "172.31.0.1/24");
+    let _tap = hearth_e2e::TapDevice::new("hearthe2e0", "172.31.0.1/24");
     let to_guest = pseudo_random(BYTES, 11);
     let to_guest_sum = sha256(&to_guest);
 

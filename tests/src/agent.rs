@@ -417,7 +417,7 @@ pub fn case_exec(a: &Agent) -> Result<()> {
         let w = a.wait(id, "e1")?;
         let (out, _) = io.output();
         ensure!(w.exit_status == 7, "exec exit {}", w.exit_status);
-        ensure!(out == "from-exec\n/bin/sleep\01000\0", "exec stdout {out:?}");
+        ensure!(out == "from-exec\n/bin/sleep\x001000\x00", "exec stdout {out:?}");
         let pids = a.client.list_pids(ctx(), &ContainerRequest { container_id: id.into(), ..Default::default() })?;
         ensure!(pids.pids.contains(&init), "pids {:?} lack the init {init}", pids.pids);
         let st =
@@ -638,8 +638,10 @@ pub fn case_bad_input(a: &Agent) -> Result<()> {
     Ok(())
 }
 
+pub type Case = fn(&Agent) -> Result<()>;
+
 /// Every case, by name, for the suites to run one test each.
-pub const CASES: &[(&str, fn(&Agent) -> Result<()>)] = &[
+pub const CASES: &[(&str, Case)] = &[
     ("output_and_exit_code", case_output_and_exit_code),
     ("stdin", case_stdin),
     ("exec", case_exec),

@@ -342,3 +342,22 @@ pub fn wait_timeout(child: &mut std::process::Child, guard: Duration) -> Option<
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A tap with an address, removed when dropped.
+pub struct TapDevice(String);
+
+impl TapDevice {
+    pub fn new(name: &str, cidr: &str) -> TapDevice {
+        let _ = Command::new("ip").args(["link", "del", name]).output();
+        host(Command::new("ip").args(["tuntap", "add", "dev", name, "mode", "tap"]));
+        host(Command::new("ip").args(["addr", "add", cidr, "dev", name]));
+        host(Command::new("ip").args(["link", "set", name, "up"]));
+        TapDevice(name.to_string())
+    }
+}
+
+impl Drop for TapDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+    }
+}

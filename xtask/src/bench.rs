@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use crate::artefacts::Artefacts;
 use crate::place;
 
-pub const BENCHES: &[&str] = &["boot", "devices"];
+pub const BENCHES: &[&str] = &["boot", "devices", "agent"];
 
 /// The kernel command line both VMMs boot with (hearth-vmm's defaults).
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
@@ -23,6 +23,10 @@ const DONE_MARKER: &str = "HEARTH-DONE";
 pub fn run(name: &str, artefacts: &Artefacts) -> Result<()> {
     if !BENCHES.contains(&name) {
         bail!("no benchmark {name:?}; the benchmarks are: {}", BENCHES.join(", "));
+    }
+    if name == "agent" {
+        // The native half needs no VM: it runs here, directly.
+        crate::bench_agent::native(artefacts)?;
     }
     let me = std::env::current_exe()?.display().to_string();
     let argv = vec![me, "bench-inner".into(), name.into()];
@@ -34,6 +38,7 @@ pub fn inner(name: &str) -> Result<()> {
     match name {
         "boot" => boot(&a),
         "devices" => crate::bench_devices::run(&a),
+        "agent" => crate::bench_agent::guest(&a),
         _ => bail!("no benchmark {name:?}"),
     }
 }
@@ -154,4 +159,19 @@ fn boot(a: &Artefacts) -> Result<()> {
     );
     println!("boot-to-init ratio hearth/qemu: {:.2}", ht.as_secs_f64() / qt.as_secs_f64());
     Ok(())
+}
+
+/// Waits for a child to exit by itself, killing it after `grace`.
+pub fn wait_or_kill(child: &mut std::process::Child, grace: Duration) -> Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + grace;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            return Ok(child.wait()?);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -2,6 +2,7 @@
 
 mod artefacts;
 mod bench;
+mod bench_agent;
 mod bench_devices;
 mod cpio;
 mod demo;

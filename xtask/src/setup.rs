@@ -22,6 +22,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("lz4", "the bzImage is lz4-compressed for a fast boot"),
     ("xz-utils", "unpacking the kernel source"),
     ("busybox-static", "userland of the boot initramfs and of the test host"),
+    ("runc", "the reference that `cargo xtask bench agent` measures hearth-agent against"),
     ("qemu-system-x86", "the test host, and the reference VMM of `bench boot`"),
     ("e2fsprogs", "ext4 images for the guest's disks (mke2fs -d, debugfs)"),
     ("libseccomp-dev", "building virtiofsd, and libseccomp.a for the static hearth-agent"),

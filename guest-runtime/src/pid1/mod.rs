@@ -46,11 +46,16 @@ impl BootParams {
     }
 }
 
-/// Brings the VM's userspace up. Failures of optional parts are logged, not
+/// The filesystems first: nothing else (not even reading the command line
+/// from /proc) works without them.
+pub fn mount_filesystems() -> anyhow::Result<()> {
+    mounts::leave_initramfs()?;
+    mounts::mount_all()
+}
+
+/// Brings the rest of the VM's userspace up. Failures here are logged, not
 /// fatal: an agent that serves is worth more than a perfect one that died.
 pub fn init(params: &BootParams) -> anyhow::Result<()> {
-    mounts::leave_initramfs()?;
-    mounts::mount_all()?;
     let hostname = params.hostname.as_deref().unwrap_or("hearth");
     if let Err(e) = nix::unistd::sethostname(hostname) {
         tracing::warn!("setting the hostname: {e}");

@@ -16,6 +16,7 @@
 
 mod fuse_hello;
 mod hog;
+mod time_runs;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -220,8 +221,12 @@ fn main() -> ExitCode {
             Some(mib) => hog::run(mib),
             _ => Err(std::io::Error::other("usage: hog MIB")),
         },
+        Some("time-runs") => match (num(2), args.get(3), args.get(4).map(String::as_str)) {
+            (Some(n), Some(label), Some("--")) => time_runs::run(n, label, &args[5..]),
+            _ => Err(std::io::Error::other("usage: time-runs N LABEL -- COMMAND...")),
+        },
         _ => Err(std::io::Error::other(
-            "usage: hearth-guest-tool vsock-echo-server|vsock-echo-client|vsock-sink|fuse-hello|hog ...",
+            "usage: hearth-guest-tool vsock-echo-server|vsock-echo-client|vsock-sink|fuse-hello|hog|time-runs ...",
         )),
     };
     match result {
