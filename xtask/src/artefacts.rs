@@ -90,8 +90,11 @@ impl Artefacts {
     pub fn shell_exports(&self) -> String {
         let mut s =
             String::from("export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root\n");
-        if let Ok(filter) = std::env::var("HEARTH_LOG") {
-            s.push_str(&format!("export HEARTH_LOG={}\n", quote(&filter)));
+        // Filters the caller set travel with the suite.
+        for k in ["HEARTH_LOG", "HEARTH_AGENT_CASES"] {
+            if let Ok(v) = std::env::var(k) {
+                s.push_str(&format!("export {k}={}\n", quote(&v)));
+            }
         }
         for (k, v) in self.env() {
             s.push_str(&format!("export {k}={}\n", quote(&v)));
