@@ -8,5 +8,6 @@
 //! instead of failing half-way through container creation.
 
 pub mod spec;
+pub mod translate;
 
 pub use spec::{parse_process, parse_resources, parse_spec, SpecError};
