@@ -1,5 +1,15 @@
 //! containerd's shim v2 for hearth (`io.containerd.hearth.v2`): boots the
 //! utility VM on first use and serves containerd's Task API by driving the
-//! in-VM agent.
+//! in-VM agent (crate hearth-agent-protocol).
 //!
-//! Status: not built yet (docs/architecture.md).
+//! - [`shim`]: the binary's commands (start with grouping, delete, serve);
+//! - [`task`]: the Task service: containers, processes, events, idle shutdown;
+//! - [`vm`]: booting hearth-vmm, the shared virtio-fs directory, VM exit;
+//! - [`io`]: containerd's FIFOs to and from the agent's stdio streams;
+//! - [`config`] reads `/etc/hearth/config.toml`.
+
+pub mod config;
+pub mod io;
+pub mod shim;
+pub mod task;
+pub mod vm;

@@ -1,0 +1,126 @@
+//! The shim's configuration: `/etc/hearth/config.toml`, or the file named by
+//! `$HEARTH_CONFIG` (containerd passes its environment to the shims it
+//! starts). Every key is optional; docs/usage.md lists them with defaults.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_PATH: &str = "/etc/hearth/config.toml";
+
+/// How containers map to utility VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmMode {
+    /// One VM per containerd namespace, shared by its containers (WSL style).
+    Shared,
+    /// One VM per container or CRI sandbox (Kata style).
+    PerPod,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// hearth-vmm.
+    pub vmm: PathBuf,
+    /// The tuned kernel (vmlinux).
+    pub kernel: PathBuf,
+    /// The agent initramfs.
+    pub initramfs: PathBuf,
+    /// virtiofsd, which hearth-vmm starts for the shared directory.
+    pub virtiofsd: Option<PathBuf>,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    /// Appended to the VM's kernel command line.
+    pub extra_cmdline: String,
+    /// Seconds the VM stays up with no containers before it shuts down.
+    pub idle_timeout_secs: u64,
+    pub mode: VmMode,
+    /// A tracing-style level for the shim's log: error, warn, info, debug.
+    pub log_level: String,
+    /// Where VM state (sockets, shared directory, console log) lives.
+    pub state_dir: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            vmm: "/usr/local/bin/hearth-vmm".into(),
+            kernel: "/usr/local/share/hearth/vmlinux".into(),
+            initramfs: "/usr/local/share/hearth/agent.cpio".into(),
+            virtiofsd: None,
+            memory_mib: 1024,
+            vcpus: 2,
+            extra_cmdline: String::new(),
+            idle_timeout_secs: 30,
+            mode: VmMode::Shared,
+            log_level: "info".into(),
+            state_dir: "/run/hearth/vms".into(),
+        }
+    }
+}
+
+impl Config {
+    /// The configuration in force: `$HEARTH_CONFIG`, else the default path,
+    /// else the defaults.
+    pub fn load() -> anyhow::Result<Config> {
+        match std::env::var_os("HEARTH_CONFIG") {
+            Some(p) => Self::from_file(Path::new(&p)),
+            None if Path::new(DEFAULT_PATH).exists() => Self::from_file(Path::new(DEFAULT_PATH)),
+            None => Ok(Config::default()),
+        }
+    }
+
+    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading hearth's config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("hearth's config {} is not valid: {e}", path.display()))
+    }
+
+    /// Refuses a configuration that cannot boot a VM, naming the fix.
+    pub fn check(&self) -> anyhow::Result<()> {
+        for (what, p) in [("hearth-vmm", &self.vmm), ("kernel", &self.kernel), ("initramfs", &self.initramfs)] {
+            if !p.is_file() {
+                anyhow::bail!(
+                    "the {what} {} does not exist: run `cargo xtask setup` (which installs it), or set `{}` in {DEFAULT_PATH}",
+                    p.display(),
+                    match what {
+                        "hearth-vmm" => "vmm",
+                        other => other,
+                    }
+                );
+            }
+        }
+        if self.memory_mib < 128 || self.vcpus == 0 {
+            anyhow::bail!(
+                "memory_mib must be at least 128 and vcpus at least 1 (have {} and {})",
+                self.memory_mib,
+                self.vcpus
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c: Config = toml::from_str("memory_mib = 512\nmode = \"per-pod\"\n").unwrap();
+        assert_eq!(c.memory_mib, 512);
+        assert_eq!(c.mode, VmMode::PerPod);
+        assert_eq!(c.vcpus, 2);
+        assert_eq!(c.idle_timeout_secs, 30);
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_files_are_named() {
+        let e = toml::from_str::<Config>("memory = 5\n").unwrap_err().to_string();
+        assert!(e.contains("memory"), "{e}");
+        let c = Config { kernel: "/nonexistent/vmlinux".into(), vmm: "/bin/sh".into(), ..Default::default() };
+        let e = c.check().unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/vmlinux") && e.contains("cargo xtask setup"), "{e}");
+    }
+}

@@ -1,0 +1,91 @@
+//! The shim binary's commands: `start` (find or spawn the shim that owns the
+//! VM for this container's group), `delete` (clean up after a shim that died),
+//! and serving the Task service.
+
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{api, Config as ShimConfig, DeleteResponse, ExitSignal, Flags, StartOpts};
+
+use crate::config::{Config, VmMode};
+use crate::task::Service;
+
+pub struct HearthShim {
+    exit: Arc<ExitSignal>,
+    socket: String,
+    namespace: String,
+    id: String,
+    cfg: Config,
+}
+
+/// The group a container's shim belongs to: one VM per group.
+fn grouping(cfg: &Config, id: &str) -> String {
+    match cfg.mode {
+        VmMode::Shared => "hearth-shared".to_string(),
+        VmMode::PerPod => {
+            // CRI sandboxes: the sandbox id annotation groups a pod's containers.
+            let spec =
+                std::fs::read("config.json").ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+            spec.and_then(|s| s["annotations"]["io.kubernetes.cri.sandbox-id"].as_str().map(String::from))
+                .unwrap_or_else(|| id.to_string())
+        }
+    }
+}
+
+impl containerd_shim::Shim for HearthShim {
+    type T = Service;
+
+    fn new(_runtime_id: &str, args: &Flags, _config: &mut ShimConfig) -> Self {
+        let cfg = Config::load().unwrap_or_else(|e| {
+            log::error!("{e:#}; using the defaults");
+            Config::default()
+        });
+        HearthShim {
+            exit: Arc::new(ExitSignal::default()),
+            socket: args.socket.clone(),
+            namespace: args.namespace.clone(),
+            id: args.id.clone(),
+            cfg,
+        }
+    }
+
+    fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        let group = grouping(&self.cfg, &opts.id);
+        let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &group);
+        // A shim of this group already serving: containerd talks to it.
+        let path = address.strip_prefix("unix://").unwrap_or(&address);
+        if UnixStream::connect(path).is_ok() {
+            return Ok(address);
+        }
+        let _ = std::fs::remove_file(path);
+        let (_pid, address) = containerd_shim::spawn(opts, &group, Vec::new())?;
+        Ok(address)
+    }
+
+    fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        // The shim that served this container is gone (its VM with it); what
+        // may be left on the host is the rootfs mount in the bundle.
+        let rootfs = Path::new("rootfs");
+        if rootfs.exists() {
+            let _ = nix::mount::umount2(rootfs, nix::mount::MntFlags::MNT_DETACH);
+        }
+        log::info!("cleaned up after container {} in {}", self.id, self.namespace);
+        let mut r = DeleteResponse::new();
+        r.exit_status = 137;
+        r.exited_at = Some(containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp::now()).into();
+        Ok(r)
+    }
+
+    fn wait(&mut self) {
+        self.exit.wait();
+    }
+
+    fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        Service::new(self.cfg.clone(), self.namespace.clone(), self.socket.clone(), publisher, self.exit.clone())
+    }
+}
+
+#[allow(dead_code)]
+fn _api_types_in_use(_: api::Empty) {}

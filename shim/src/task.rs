@@ -1,0 +1,750 @@
+//! containerd's Task service, served by driving the agent in the utility VM.
+//!
+//! One shim serves every container of its group (one VM): the first `Create`
+//! boots the VM, the last `Delete` plus containerd's `Shutdown` start the idle
+//! timer that powers it off. Each started process has a thread blocked in the
+//! agent's `WaitProcess`, which records the exit and publishes `TaskExit` once
+//! the output has reached containerd.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use containerd_shim::api::*;
+use containerd_shim::protos::cgroups_v2::metrics::{
+    CPUStat, IOEntry, IOStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
+};
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::{Message, MessageDyn};
+use containerd_shim::protos::topics::*;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
+use hearth_agent_protocol::agent as pb;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use crate::config::Config;
+use crate::io::{self, ProcessIo, StdioPaths};
+use crate::vm::{self, ctx, Vm};
+use containerd_shim::protos::ttrpc as sttrpc;
+
+const OUTPUT_GRACE: Duration = Duration::from_secs(5);
+/// Exit status of processes whose VM died under them.
+const VM_GONE_STATUS: u32 = 255;
+
+#[derive(Default)]
+struct Proc {
+    pid: u32,
+    paths: StdioPaths,
+    io: Option<Arc<ProcessIo>>,
+    /// An exec's process document, until it is started.
+    exec_spec: Option<Vec<u8>>,
+    started: bool,
+    exit: Option<(u32, SystemTime)>,
+}
+
+struct Container {
+    bundle: String,
+    /// Mount points on the host to undo at delete, innermost last.
+    mounts: Vec<PathBuf>,
+    init: Proc,
+    execs: HashMap<String, Proc>,
+    vm_boot_id: String,
+}
+
+impl Container {
+    fn proc(&mut self, exec_id: &str) -> TtrpcResult<&mut Proc> {
+        if exec_id.is_empty() {
+            return Ok(&mut self.init);
+        }
+        self.execs.get_mut(exec_id).ok_or_else(|| not_found(format!("no process {exec_id:?}")))
+    }
+}
+
+pub struct Inner {
+    cfg: Config,
+    namespace: String,
+    publisher: RemotePublisher,
+    vm: Mutex<Option<Arc<Vm>>>,
+    containers: Mutex<HashMap<String, Container>>,
+    exited: Condvar,
+    exit: Arc<ExitSignal>,
+    /// Set while the shim powers the VM off on purpose.
+    stopping: Mutex<bool>,
+    /// Set (under the containers lock) once the shim has decided to exit.
+    closing: Mutex<bool>,
+    /// The shim's own socket, removed when it decides to exit so that
+    /// containerd starts a fresh shim for the next container.
+    socket: String,
+}
+
+#[derive(Clone)]
+pub struct Service(pub Arc<Inner>);
+
+// containerd's side speaks the ttrpc of containerd-shim (sttrpc); the agent's
+// side the workspace's. Statuses cross by code number.
+fn status(code: sttrpc::Code, msg: impl Into<String>) -> sttrpc::Error {
+    sttrpc::Error::RpcStatus(sttrpc::get_status(code, msg.into()))
+}
+
+fn not_found(msg: impl Into<String>) -> sttrpc::Error {
+    status(sttrpc::Code::NOT_FOUND, msg)
+}
+
+fn internal(e: impl std::fmt::Display) -> sttrpc::Error {
+    status(sttrpc::Code::INTERNAL, format!("{e:#}"))
+}
+
+/// An agent failure, with its status code, for containerd.
+fn agent_err(e: ttrpc::Error) -> sttrpc::Error {
+    use containerd_shim::protos::protobuf::Enum;
+    match e {
+        ttrpc::Error::RpcStatus(s) => {
+            let code = sttrpc::Code::from_i32(s.code().value()).unwrap_or(sttrpc::Code::INTERNAL);
+            status(code, format!("hearth agent: {}", s.message()))
+        }
+        other => status(sttrpc::Code::UNAVAILABLE, format!("hearth agent: {other}")),
+    }
+}
+
+fn timestamp(t: SystemTime) -> Timestamp {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32, ..Default::default() }
+}
+
+fn from_nanos(n: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_nanos(n.max(0) as u64)
+}
+
+impl Service {
+    pub fn new(
+        cfg: Config,
+        namespace: String,
+        socket: String,
+        publisher: RemotePublisher,
+        exit: Arc<ExitSignal>,
+    ) -> Service {
+        Service(Arc::new(Inner {
+            cfg,
+            namespace,
+            publisher,
+            vm: Mutex::new(None),
+            containers: Mutex::new(HashMap::new()),
+            exited: Condvar::new(),
+            exit,
+            stopping: Mutex::new(false),
+            closing: Mutex::new(false),
+            socket,
+        }))
+    }
+
+    fn containers(&self) -> MutexGuard<'_, HashMap<String, Container>> {
+        self.0.containers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        if let Err(e) = self.0.publisher.publish(Default::default(), topic, &self.0.namespace, event) {
+            log::warn!("publishing {topic}: {e}");
+        }
+    }
+
+    fn vm(&self) -> TtrpcResult<Arc<Vm>> {
+        self.0
+            .vm
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| status(sttrpc::Code::UNAVAILABLE, "the utility VM is not running"))
+    }
+
+    /// The running VM, booting it first if there is none.
+    fn ensure_vm(&self) -> TtrpcResult<Arc<Vm>> {
+        let mut slot = self.0.vm.lock().unwrap();
+        if let Some(vm) = slot.as_ref() {
+            return Ok(vm.clone());
+        }
+        let dir = self.0.cfg.state_dir.join(format!("{}-{}", self.0.namespace, std::process::id()));
+        let me = self.clone();
+        let vm = Vm::boot(&self.0.cfg, &dir, move |code, console| me.vm_ended(code, console))
+            .map_err(|e| status(sttrpc::Code::UNAVAILABLE, format!("booting the utility VM: {e:#}")))?;
+        let vm = Arc::new(vm);
+        *slot = Some(vm.clone());
+        self.watch_oom(vm.clone());
+        Ok(vm)
+    }
+
+    /// hearth-vmm ended. Unless the shim powered it off, every process still
+    /// running in it has exited: say so, with the reason in the log.
+    fn vm_ended(&self, code: i32, console: String) {
+        let vm = self.0.vm.lock().unwrap().take();
+        if let Some(vm) = &vm {
+            vm.cleanup();
+        }
+        if *self.0.stopping.lock().unwrap() {
+            return;
+        }
+        let reason = match code {
+            3 => "the guest kernel panicked",
+            4 => "the guest crashed",
+            0 => "the guest shut down",
+            _ => "hearth-vmm failed",
+        };
+        log::error!("the utility VM ended (hearth-vmm status {code}: {reason}); its processes are reported exited with {VM_GONE_STATUS}\n--- console ---\n{console}");
+        let now = SystemTime::now();
+        let mut events = Vec::new();
+        {
+            let mut cs = self.containers();
+            for (id, c) in cs.iter_mut() {
+                let procs = std::iter::once(("".to_string(), &mut c.init))
+                    .chain(c.execs.iter_mut().map(|(k, v)| (k.clone(), v)));
+                for (exec_id, p) in procs {
+                    if p.started && p.exit.is_none() {
+                        p.exit = Some((VM_GONE_STATUS, now));
+                        events.push(TaskExit {
+                            container_id: id.clone(),
+                            id: if exec_id.is_empty() { id.clone() } else { exec_id },
+                            pid: p.pid,
+                            exit_status: VM_GONE_STATUS,
+                            exited_at: Some(timestamp(now)).into(),
+                            ..Default::default()
+                        });
+                    }
+                }
+            }
+        }
+        self.0.exited.notify_all();
+        for e in events {
+            self.publish(TASK_EXIT_EVENT_TOPIC, Box::new(e));
+        }
+    }
+
+    fn watch_oom(&self, vm: Arc<Vm>) {
+        let me = self.clone();
+        std::thread::spawn(move || {
+            while let Ok(ev) = vm.agent.get_oom_event(ttrpc::context::with_timeout(0), &pb::Empty::new()) {
+                me.publish(
+                    TASK_OOM_EVENT_TOPIC,
+                    Box::new(TaskOOM { container_id: ev.container_id, ..Default::default() }),
+                );
+            }
+        });
+    }
+
+    /// Waits in the agent for a process's end, then records and publishes it.
+    fn spawn_waiter(&self, vm: Arc<Vm>, id: String, exec_id: String, pid: u32, io: Option<Arc<ProcessIo>>) {
+        let me = self.clone();
+        std::thread::spawn(move || {
+            let req = pb::ProcessRequest { container_id: id.clone(), exec_id: exec_id.clone(), ..Default::default() };
+            let (code, at) = match vm.agent.wait_process(ttrpc::context::with_timeout(0), &req) {
+                Ok(w) => (w.exit_status, from_nanos(w.exited_at_unix_nanos)),
+                Err(e) => {
+                    // The VM went away; vm_ended reports it.
+                    log::warn!("waiting for {id}/{exec_id}: {e}");
+                    return;
+                }
+            };
+            if let Some(io) = io {
+                io.drain(OUTPUT_GRACE);
+            }
+            {
+                let mut cs = me.containers();
+                let Some(c) = cs.get_mut(&id) else { return };
+                let Ok(p) = c.proc(&exec_id) else { return };
+                if p.exit.is_some() {
+                    return;
+                }
+                p.exit = Some((code, at));
+            }
+            me.0.exited.notify_all();
+            me.publish(
+                TASK_EXIT_EVENT_TOPIC,
+                Box::new(TaskExit {
+                    container_id: id.clone(),
+                    id: if exec_id.is_empty() { id.clone() } else { exec_id },
+                    pid,
+                    exit_status: code,
+                    exited_at: Some(timestamp(at)).into(),
+                    ..Default::default()
+                }),
+            );
+        });
+    }
+
+    /// Binds `source` at `target` (a file or a directory), creating it.
+    fn bind(source: &Path, target: &Path, recursive: bool) -> anyhow::Result<()> {
+        if source.is_dir() {
+            std::fs::create_dir_all(target)?;
+        } else {
+            std::fs::create_dir_all(target.parent().unwrap())?;
+            std::fs::File::create(target)?;
+        }
+        let mut flags = MsFlags::MS_BIND;
+        if recursive {
+            flags |= MsFlags::MS_REC;
+        }
+        mount(Some(source), target, None::<&str>, flags, None::<&str>)
+            .map_err(|e| anyhow::anyhow!("binding {} at {}: {e}", source.display(), target.display()))
+    }
+
+    fn undo_mounts(mounts: &[PathBuf]) {
+        for m in mounts.iter().rev() {
+            if let Err(e) = umount2(m, MntFlags::MNT_DETACH) {
+                log::warn!("unmounting {}: {e}", m.display());
+            }
+        }
+    }
+
+    fn do_create(&self, req: &CreateTaskRequest) -> anyhow::Result<(u32, Container)> {
+        let vm = self.ensure_vm().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let bundle = PathBuf::from(&req.bundle);
+        let spec_json = std::fs::read(bundle.join("config.json"))
+            .map_err(|e| anyhow::anyhow!("reading {}/config.json: {e}", bundle.display()))?;
+        let mut spec = hearth_oci::parse_spec(&spec_json)?;
+        let mut mounts = Vec::new();
+        let result = (|| {
+            // containerd's snapshot, mounted on the host as runc's shim does.
+            let host_root = bundle.join("rootfs");
+            for m in &req.rootfs {
+                let fstype = (!m.type_.is_empty()).then_some(m.type_.as_str());
+                std::fs::create_dir_all(&host_root)?;
+                containerd_shim::mount::mount_rootfs(fstype, Some(m.source.as_str()), &m.options, &host_root)
+                    .map_err(|e| anyhow::anyhow!("mounting the container's rootfs: {e}"))?;
+                mounts.push(host_root.clone());
+            }
+            let root = match spec.root().as_ref().map(|r| r.path().clone()) {
+                Some(p) if p.is_absolute() => p,
+                Some(p) => bundle.join(p),
+                None => host_root.clone(),
+            };
+            let share_dir = vm.shared.join(&req.id);
+            let share_root = share_dir.join("rootfs");
+            Self::bind(&root, &share_root, true)?;
+            mounts.push(share_root);
+            for b in hearth_oci::translate::for_guest(&mut spec, &req.id, Path::new(vm::GUEST_SHARED)) {
+                let target = vm.shared.join(&b.in_share);
+                Self::bind(&b.source, &target, true)?;
+                mounts.push(target);
+            }
+            let paths = StdioPaths {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+            };
+            let (stdio, pending) = io::prepare(&vm.vsock, &paths)?;
+            let guest_root = Path::new(vm::GUEST_SHARED).join(&req.id).join("rootfs");
+            let create = pb::CreateContainerRequest {
+                container_id: req.id.clone(),
+                spec_json: serde_json::to_vec(&spec)?,
+                rootfs: Some(pb::Rootfs { path: guest_root.display().to_string(), ..Default::default() }).into(),
+                stdio: Some(stdio).into(),
+                ..Default::default()
+            };
+            let pid =
+                vm.agent.create_container(ctx(120), &create).map_err(|e| anyhow::anyhow!("the agent: {e:?}"))?.pid;
+            let io = pending.start().map(Arc::new).ok();
+            Ok::<_, anyhow::Error>((pid, paths, io))
+        })();
+        match result {
+            Ok((pid, paths, io)) => Ok((
+                pid,
+                Container {
+                    bundle: req.bundle.clone(),
+                    mounts,
+                    init: Proc { pid, paths, io, ..Default::default() },
+                    execs: HashMap::new(),
+                    vm_boot_id: vm.boot_id.clone(),
+                },
+            )),
+            Err(e) => {
+                Self::undo_mounts(&mounts);
+                let _ = std::fs::remove_dir_all(vm.shared.join(&req.id));
+                Err(e)
+            }
+        }
+    }
+
+    /// After the last container is gone and containerd asked the shim to
+    /// shut down: wait the idle time, then power the VM off and exit.
+    fn idle_shutdown(&self, now: bool) {
+        let me = self.clone();
+        std::thread::spawn(move || {
+            let idle = if now { Duration::ZERO } else { Duration::from_secs(me.0.cfg.idle_timeout_secs) };
+            let deadline = Instant::now() + idle;
+            while Instant::now() < deadline {
+                if !me.containers().is_empty() {
+                    return; // busy again
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            {
+                // Decide under the containers lock, so that a create either
+                // comes first (and the shim stays) or finds it closing.
+                let cs = me.containers();
+                if !cs.is_empty() {
+                    return;
+                }
+                *me.0.closing.lock().unwrap() = true;
+                let _ = std::fs::remove_file(me.0.socket.trim_start_matches("unix://"));
+            }
+            *me.0.stopping.lock().unwrap() = true;
+            if let Some(vm) = me.0.vm.lock().unwrap().take() {
+                log::info!("no containers for {idle:?}: shutting the utility VM down");
+                vm.shutdown();
+            }
+            me.0.exit.signal();
+        });
+    }
+}
+
+fn unpack_spec(any: &Any) -> Vec<u8> {
+    any.value.clone()
+}
+
+impl Task for Service {
+    fn connect(&self, _: &TtrpcContext, req: ConnectRequest) -> TtrpcResult<ConnectResponse> {
+        let task_pid = self.containers().get(&req.id).map(|c| c.init.pid).unwrap_or(0);
+        Ok(ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        })
+    }
+
+    fn create(&self, _: &TtrpcContext, req: CreateTaskRequest) -> TtrpcResult<CreateTaskResponse> {
+        {
+            let cs = self.containers();
+            if *self.0.closing.lock().unwrap() {
+                return Err(status(
+                    sttrpc::Code::UNAVAILABLE,
+                    "this shim is shutting its idle VM down: retry, a new shim will start",
+                ));
+            }
+            if cs.contains_key(&req.id) {
+                return Err(status(sttrpc::Code::ALREADY_EXISTS, format!("container {} already exists", req.id)));
+            }
+        }
+        let (pid, c) = self.do_create(&req).map_err(|e| {
+            log::error!("create {}: {e:#}", req.id);
+            internal(e)
+        })?;
+        self.containers().insert(req.id.clone(), c);
+        self.publish(
+            TASK_CREATE_EVENT_TOPIC,
+            Box::new(TaskCreate {
+                container_id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                rootfs: req.rootfs.clone(),
+                io: Some(TaskIO {
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                    ..Default::default()
+                })
+                .into(),
+                pid,
+                ..Default::default()
+            }),
+        );
+        Ok(CreateTaskResponse { pid, ..Default::default() })
+    }
+
+    fn start(&self, _: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
+        let vm = self.vm()?;
+        if req.exec_id.is_empty() {
+            let io = {
+                let mut cs = self.containers();
+                let c = cs.get_mut(&req.id).ok_or_else(|| not_found(format!("no container {}", req.id)))?;
+                c.init.io.clone()
+            };
+            vm.agent
+                .start_container(ctx(60), &pb::ContainerRequest { container_id: req.id.clone(), ..Default::default() })
+                .map_err(agent_err)?;
+            let pid = {
+                let mut cs = self.containers();
+                let c = cs.get_mut(&req.id).ok_or_else(|| not_found("deleted while starting"))?;
+                c.init.started = true;
+                c.init.pid
+            };
+            self.spawn_waiter(vm, req.id.clone(), String::new(), pid, io);
+            self.publish(
+                TASK_START_EVENT_TOPIC,
+                Box::new(TaskStart { container_id: req.id.clone(), pid, ..Default::default() }),
+            );
+            return Ok(StartResponse { pid, ..Default::default() });
+        }
+        let (spec, paths) = {
+            let mut cs = self.containers();
+            let c = cs.get_mut(&req.id).ok_or_else(|| not_found(format!("no container {}", req.id)))?;
+            let p = c.proc(&req.exec_id)?;
+            (p.exec_spec.clone().unwrap_or_default(), p.paths.clone())
+        };
+        let (stdio, pending) = io::prepare(&vm.vsock, &paths).map_err(internal)?;
+        let exec = pb::ExecProcessRequest {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            process_json: spec,
+            stdio: Some(stdio).into(),
+            ..Default::default()
+        };
+        let pid = vm.agent.exec_process(ctx(120), &exec).map_err(agent_err)?.pid;
+        let io = pending.start().map(Arc::new).ok();
+        {
+            let mut cs = self.containers();
+            let c = cs.get_mut(&req.id).ok_or_else(|| not_found("deleted while starting"))?;
+            let p = c.proc(&req.exec_id)?;
+            p.pid = pid;
+            p.started = true;
+            p.io = io.clone();
+        }
+        self.spawn_waiter(vm, req.id.clone(), req.exec_id.clone(), pid, io);
+        self.publish(
+            TASK_EXEC_STARTED_EVENT_TOPIC,
+            Box::new(TaskExecStarted {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                pid,
+                ..Default::default()
+            }),
+        );
+        Ok(StartResponse { pid, ..Default::default() })
+    }
+
+    fn exec(&self, _: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
+        let spec = req.spec.as_ref().map(unpack_spec).unwrap_or_default();
+        let mut cs = self.containers();
+        let c = cs.get_mut(&req.id).ok_or_else(|| not_found(format!("no container {}", req.id)))?;
+        if c.execs.contains_key(&req.exec_id) {
+            return Err(status(sttrpc::Code::ALREADY_EXISTS, format!("exec {} already exists", req.exec_id)));
+        }
+        c.execs.insert(
+            req.exec_id.clone(),
+            Proc {
+                paths: StdioPaths { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: req.terminal },
+                exec_spec: Some(spec),
+                ..Default::default()
+            },
+        );
+        drop(cs);
+        self.publish(
+            TASK_EXEC_ADDED_EVENT_TOPIC,
+            Box::new(TaskExecAdded { container_id: req.id, exec_id: req.exec_id, ..Default::default() }),
+        );
+        Ok(Empty::new())
+    }
+
+    fn resize_pty(&self, _: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
+        let r = pb::ResizePtyRequest {
+            container_id: req.id,
+            exec_id: req.exec_id,
+            width: req.width,
+            height: req.height,
+            ..Default::default()
+        };
+        self.vm()?.agent.resize_pty(ctx(30), &r).map_err(agent_err)?;
+        Ok(Empty::new())
+    }
+
+    fn close_io(&self, _: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
+        let mut cs = self.containers();
+        let c = cs.get_mut(&req.id).ok_or_else(|| not_found(format!("no container {}", req.id)))?;
+        if let Some(io) = &c.proc(&req.exec_id)?.io {
+            io.close_stdin();
+        }
+        Ok(Empty::new())
+    }
+
+    fn kill(&self, _: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
+        {
+            let mut cs = self.containers();
+            let c = cs.get_mut(&req.id).ok_or_else(|| not_found(format!("no container {}", req.id)))?;
+            if c.proc(&req.exec_id)?.exit.is_some() {
+                return Err(not_found("process already finished"));
+            }
+        }
+        let r = pb::SignalProcessRequest {
+            container_id: req.id,
+            exec_id: req.exec_id,
+            signal: req.signal,
+            all: req.all,
+            ..Default::default()
+        };
+        self.vm()?.agent.signal_process(ctx(30), &r).map_err(agent_err)?;
+        Ok(Empty::new())
+    }
+
+    fn wait(&self, _: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
+        let mut cs = self.containers();
+        loop {
+            let c = cs.get_mut(&req.id).ok_or_else(|| not_found(format!("no container {}", req.id)))?;
+            if let Some((code, at)) = c.proc(&req.exec_id)?.exit {
+                return Ok(WaitResponse {
+                    exit_status: code,
+                    exited_at: Some(timestamp(at)).into(),
+                    ..Default::default()
+                });
+            }
+            cs = self.0.exited.wait(cs).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn delete(&self, _: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<DeleteResponse> {
+        if !req.exec_id.is_empty() {
+            let mut cs = self.containers();
+            let c = cs.get_mut(&req.id).ok_or_else(|| not_found(format!("no container {}", req.id)))?;
+            let p = c.execs.remove(&req.exec_id).ok_or_else(|| not_found(format!("no process {}", req.exec_id)))?;
+            let (code, at) = p.exit.unwrap_or((0, SystemTime::now()));
+            return Ok(DeleteResponse {
+                pid: p.pid,
+                exit_status: code,
+                exited_at: Some(timestamp(at)).into(),
+                ..Default::default()
+            });
+        }
+        let c = self.containers().remove(&req.id).ok_or_else(|| not_found(format!("no container {}", req.id)))?;
+        if let Ok(vm) = self.vm() {
+            let d = pb::DeleteContainerRequest { container_id: req.id.clone(), force: true, ..Default::default() };
+            if let Err(e) = vm.agent.delete_container(ctx(60), &d) {
+                log::warn!("deleting {} in the VM: {e:?}", req.id);
+            }
+            Self::undo_mounts(&c.mounts);
+            let _ = std::fs::remove_dir_all(vm.shared.join(&req.id));
+        } else {
+            Self::undo_mounts(&c.mounts);
+        }
+        let (code, at) = c.init.exit.unwrap_or((0, SystemTime::now()));
+        self.publish(
+            TASK_DELETE_EVENT_TOPIC,
+            Box::new(TaskDelete {
+                container_id: req.id.clone(),
+                pid: c.init.pid,
+                exit_status: code,
+                exited_at: Some(timestamp(at)).into(),
+                ..Default::default()
+            }),
+        );
+        Ok(DeleteResponse {
+            pid: c.init.pid,
+            exit_status: code,
+            exited_at: Some(timestamp(at)).into(),
+            ..Default::default()
+        })
+    }
+
+    fn state(&self, _: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
+        let mut cs = self.containers();
+        let c = cs.get_mut(&req.id).ok_or_else(|| not_found(format!("no container {}", req.id)))?;
+        let bundle = c.bundle.clone();
+        let p = c.proc(&req.exec_id)?;
+        let st = match (p.started, p.exit) {
+            (_, Some(_)) => Status::STOPPED,
+            (true, None) => Status::RUNNING,
+            (false, None) => Status::CREATED,
+        };
+        let (code, at) = p.exit.map(|(c, t)| (c, Some(timestamp(t)))).unwrap_or((0, None));
+        Ok(StateResponse {
+            id: req.id,
+            bundle,
+            pid: p.pid,
+            status: st.into(),
+            stdin: p.paths.stdin.clone(),
+            stdout: p.paths.stdout.clone(),
+            stderr: p.paths.stderr.clone(),
+            terminal: p.paths.terminal,
+            exit_status: code,
+            exited_at: at.into(),
+            exec_id: req.exec_id,
+            ..Default::default()
+        })
+    }
+
+    fn pids(&self, _: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
+        let r = self
+            .vm()?
+            .agent
+            .list_pids(ctx(30), &pb::ContainerRequest { container_id: req.id, ..Default::default() })
+            .map_err(agent_err)?;
+        let processes = r
+            .pids
+            .into_iter()
+            .map(|pid| containerd_shim::protos::types::task::ProcessInfo { pid, ..Default::default() })
+            .collect();
+        Ok(PidsResponse { processes, ..Default::default() })
+    }
+
+    fn stats(&self, _: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
+        let s = self
+            .vm()?
+            .agent
+            .stats(ctx(30), &pb::ContainerRequest { container_id: req.id, ..Default::default() })
+            .map_err(agent_err)?;
+        let mut m = Metrics::new();
+        m.pids = Some(PidsStat { current: s.pids.current, limit: s.pids.limit, ..Default::default() }).into();
+        m.cpu = Some(CPUStat {
+            usage_usec: s.cpu.usage_usec,
+            user_usec: s.cpu.user_usec,
+            system_usec: s.cpu.system_usec,
+            nr_periods: s.cpu.nr_periods,
+            nr_throttled: s.cpu.nr_throttled,
+            throttled_usec: s.cpu.throttled_usec,
+            ..Default::default()
+        })
+        .into();
+        let stat = |k: &str| s.memory.stat.get(k).copied().unwrap_or(0);
+        m.memory = Some(MemoryStat {
+            usage: s.memory.usage_bytes,
+            usage_limit: s.memory.limit_bytes,
+            max_usage: s.memory.max_usage_bytes,
+            anon: stat("anon"),
+            file: stat("file"),
+            ..Default::default()
+        })
+        .into();
+        m.memory_events =
+            Some(MemoryEvents { oom: s.memory.oom_events, oom_kill: s.memory.oom_kill_events, ..Default::default() })
+                .into();
+        m.io = Some(IOStat {
+            usage: vec![IOEntry {
+                rbytes: s.io.read_bytes,
+                wbytes: s.io.write_bytes,
+                rios: s.io.read_ios,
+                wios: s.io.write_ios,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .into();
+        let any = Any {
+            type_url: "io.containerd.cgroups.v2.Metrics".into(),
+            value: m.write_to_bytes().map_err(internal)?,
+            ..Default::default()
+        };
+        Ok(StatsResponse { stats: Some(any).into(), ..Default::default() })
+    }
+
+    fn update(&self, _: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
+        let resources = req.resources.as_ref().map(unpack_spec).unwrap_or_default();
+        let r = pb::UpdateResourcesRequest { container_id: req.id, resources_json: resources, ..Default::default() };
+        self.vm()?.agent.update_resources(ctx(30), &r).map_err(agent_err)?;
+        Ok(Empty::new())
+    }
+
+    fn shutdown(&self, _: &TtrpcContext, req: ShutdownRequest) -> TtrpcResult<Empty> {
+        if self.containers().is_empty() {
+            self.idle_shutdown(req.now);
+        }
+        Ok(Empty::new())
+    }
+}
+
+/// The boot id of the VM a container runs in (for tests through `ctr`, the
+/// guest's /proc/sys/kernel/random/boot_id says the same).
+pub fn boot_id_of(s: &Service, id: &str) -> Option<String> {
+    s.containers().get(id).map(|c| c.vm_boot_id.clone())
+}
