@@ -25,6 +25,11 @@ pub struct Env {
     pub agent: PathBuf,
     /// The initramfs whose /init is hearth-agent.
     pub agent_initramfs: PathBuf,
+    /// containerd-shim-hearth-v2.
+    pub shim: PathBuf,
+    /// The busybox OCI image archive (docker.io/hearth/busybox:latest).
+    pub busybox_image: PathBuf,
+    pub virtiofsd: PathBuf,
 }
 
 fn var(name: &str) -> String {
@@ -47,6 +52,9 @@ impl Env {
             guest_tool: var("HEARTH_GUEST_TOOL").into(),
             agent: var("HEARTH_AGENT").into(),
             agent_initramfs: var("HEARTH_AGENT_INITRAMFS").into(),
+            shim: var("HEARTH_SHIM").into(),
+            busybox_image: var("HEARTH_BUSYBOX_IMAGE").into(),
+            virtiofsd: var("HEARTH_VIRTIOFSD").into(),
         }
     }
 }

@@ -23,6 +23,10 @@ pub struct Artefacts {
     pub agent: PathBuf,
     /// The initramfs whose /init is hearth-agent.
     pub agent_initramfs: PathBuf,
+    /// containerd-shim-hearth-v2.
+    pub shim: PathBuf,
+    /// The busybox OCI image archive.
+    pub busybox_image: PathBuf,
     pub virtiofsd: PathBuf,
 }
 
@@ -30,7 +34,11 @@ impl Artefacts {
     /// Builds the release binaries and finds the cached images (`cargo xtask
     /// setup` makes those).
     pub fn build() -> Result<Artefacts> {
-        sh::run(cmd("cargo").args(["build", "--release", "-p", "hearth-vmm"]).current_dir(paths::workspace()))?;
+        sh::run(
+            cmd("cargo")
+                .args(["build", "--release", "-p", "hearth-vmm", "-p", "containerd-shim-hearth-v2"])
+                .current_dir(paths::workspace()),
+        )?;
         // Guest programs run on the guest's bare initramfs: link them
         // statically. An explicit --target keeps RUSTFLAGS away from build
         // scripts and proc macros.
@@ -43,15 +51,19 @@ impl Artefacts {
         let agent = build_static_agent()?;
         let agent_initramfs = guest::ensure_agent_initramfs(&agent)?;
         let k = kernel::find()?;
+        let guest_tool = paths::target_dir().join(GUEST_TARGET).join("release/hearth-guest-tool");
+        let busybox_image = crate::images::ensure_busybox(&guest_tool)?;
         Ok(Artefacts {
             vmm: paths::release_bin("hearth-vmm"),
             vmlinux: k.vmlinux,
             bzimage: k.bzimage,
             kernel_release: k.release,
             boot_initramfs: guest::find_boot_initramfs()?,
-            guest_tool: paths::target_dir().join(GUEST_TARGET).join("release/hearth-guest-tool"),
+            guest_tool,
             agent,
             agent_initramfs,
+            shim: paths::release_bin("containerd-shim-hearth-v2"),
+            busybox_image,
             virtiofsd: crate::setup::find_virtiofsd().context("virtiofsd is not installed: run `cargo xtask setup`")?,
         })
     }
@@ -66,6 +78,8 @@ impl Artefacts {
             ("HEARTH_GUEST_TOOL", self.guest_tool.display().to_string()),
             ("HEARTH_AGENT", self.agent.display().to_string()),
             ("HEARTH_AGENT_INITRAMFS", self.agent_initramfs.display().to_string()),
+            ("HEARTH_SHIM", self.shim.display().to_string()),
+            ("HEARTH_BUSYBOX_IMAGE", self.busybox_image.display().to_string()),
             ("HEARTH_VIRTIOFSD", self.virtiofsd.display().to_string()),
         ]
     }
@@ -82,6 +96,8 @@ impl Artefacts {
             guest_tool: get("HEARTH_GUEST_TOOL")?.into(),
             agent: get("HEARTH_AGENT")?.into(),
             agent_initramfs: get("HEARTH_AGENT_INITRAMFS")?.into(),
+            shim: get("HEARTH_SHIM")?.into(),
+            busybox_image: get("HEARTH_BUSYBOX_IMAGE")?.into(),
             virtiofsd: get("HEARTH_VIRTIOFSD")?.into(),
         })
     }

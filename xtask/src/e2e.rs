@@ -9,7 +9,7 @@ use crate::artefacts::Artefacts;
 use crate::sh::cmd;
 use crate::{paths, place};
 
-pub const SUITES: &[&str] = &["boot", "devices", "agent-native", "agent"];
+pub const SUITES: &[&str] = &["boot", "devices", "agent-native", "agent", "containerd"];
 
 /// Suites that need no VM: they run on this machine directly, as root.
 const NATIVE: &[&str] = &["agent-native"];

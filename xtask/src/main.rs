@@ -9,6 +9,7 @@ mod demo;
 mod e2e;
 mod fuzz;
 mod guest;
+mod images;
 mod kernel;
 mod paths;
 mod place;

@@ -23,6 +23,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("xz-utils", "unpacking the kernel source"),
     ("busybox-static", "userland of the boot initramfs and of the test host"),
     ("runc", "the reference that `cargo xtask bench agent` measures hearth-agent against"),
+    ("containerd", "containerd and ctr, which drive the shim (e2e containerd, the demo)"),
     ("qemu-system-x86", "the test host, and the reference VMM of `bench boot`"),
     ("e2fsprogs", "ext4 images for the guest's disks (mke2fs -d, debugfs)"),
     ("libseccomp-dev", "building virtiofsd, and libseccomp.a for the static hearth-agent"),
