@@ -1,0 +1,157 @@
+//! A containerd of the tests' own, with the hearth shim on its PATH: used by
+//! the `containerd` suite, the demo and the containerd benchmark.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{Env, Scratch};
+
+pub const IMAGE: &str = "docker.io/hearth/busybox:latest";
+pub const RUNTIME: &str = "io.containerd.hearth.v2";
+
+pub struct Containerd {
+    child: Child,
+    pub socket: PathBuf,
+    root: PathBuf,
+    pub vms: PathBuf,
+    log: PathBuf,
+}
+
+impl Containerd {
+    /// Starts containerd with hearth configured (VMs idle out after
+    /// `idle_secs`), and imports the busybox image.
+    pub fn start(env: &Env, scratch: &Scratch, idle_secs: u64) -> Containerd {
+        let root = scratch.path("root");
+        std::fs::create_dir_all(&root).unwrap();
+        // Overlay snapshots need a filesystem that can be an overlay's upper
+        // layer (the test host's own root is an overlay).
+        crate::host(Command::new("mount").args(["-t", "tmpfs", "tmpfs"]).arg(&root));
+        let state = scratch.path("state");
+        let socket = scratch.path("containerd.sock");
+        let vms = scratch.path("vms");
+        let config = scratch.path("containerd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{}\"\nstate = \"{}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{}\"\n",
+                root.display(),
+                state.display(),
+                socket.display()
+            ),
+        )
+        .unwrap();
+        let hearth_config = scratch.path("hearth.toml");
+        std::fs::write(
+            &hearth_config,
+            format!(
+                "vmm = \"{}\"\nkernel = \"{}\"\ninitramfs = \"{}\"\nvirtiofsd = \"{}\"\nmemory_mib = 512\nvcpus = 2\nidle_timeout_secs = {}\nstate_dir = \"{}\"\nlog_level = \"debug\"\n",
+                env.vmm.display(),
+                env.vmlinux.display(),
+                env.agent_initramfs.display(),
+                env.virtiofsd.display(),
+                idle_secs,
+                vms.display()
+            ),
+        )
+        .unwrap();
+        let shim_dir = env.shim.parent().unwrap();
+        let path = format!("{}:{}", shim_dir.display(), std::env::var("PATH").unwrap_or_default());
+        let log = scratch.path("containerd.log");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .env("PATH", path)
+            .env("HEARTH_CONFIG", &hearth_config)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting containerd (installed by `cargo xtask setup`)");
+        let c = Containerd { child, socket, root, vms, log };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !c.ctr(&["version"]).status.success() {
+            assert!(Instant::now() < deadline, "containerd did not come up:\n{}", c.log_text());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        c.ok(&["images", "import", &env.busybox_image.display().to_string()]);
+        c
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr").arg("--address").arg(&self.socket).args(args).stdin(Stdio::null()).output().unwrap()
+    }
+
+    /// `ctr` that must succeed; its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.ctr(args);
+        assert!(
+            o.status.success(),
+            "ctr {args:?} failed ({}): {}{}\n--- containerd ---\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+            tail(&self.log_text(), 40)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    pub fn run(&self, id: &str, extra: &[&str], cmd: &[&str]) -> Output {
+        let mut args = vec!["run", "--rm", "--runtime", RUNTIME];
+        args.extend_from_slice(extra);
+        args.push(IMAGE);
+        args.push(id);
+        args.extend_from_slice(cmd);
+        self.ctr(&args)
+    }
+
+    pub fn vmm_pids(&self) -> Vec<i32> {
+        pids_matching(&self.vms.display().to_string(), "hearth-vmm")
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        for pid in self.vmm_pids() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("umount").arg("-R").arg("-l").arg(&self.root).status();
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Pids of processes whose command line contains both words.
+pub fn pids_matching(a: &str, b: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(a) && cmd.contains(b) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+pub fn wait_until(what: &str, guard: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + guard;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not after {guard:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
