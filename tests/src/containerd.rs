@@ -154,4 +154,3 @@ pub fn wait_until(what: &str, guard: Duration, mut f: impl FnMut() -> bool) {
 pub fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
-

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use crate::artefacts::Artefacts;
 use crate::place;
 
-pub const BENCHES: &[&str] = &["boot", "devices", "agent"];
+pub const BENCHES: &[&str] = &["boot", "devices", "agent", "containerd"];
 
 /// The kernel command line both VMMs boot with (hearth-vmm's defaults).
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
@@ -39,6 +39,7 @@ pub fn inner(name: &str) -> Result<()> {
         "boot" => boot(&a),
         "devices" => crate::bench_devices::run(&a),
         "agent" => crate::bench_agent::guest(&a),
+        "containerd" => crate::bench_containerd::run(),
         _ => bail!("no benchmark {name:?}"),
     }
 }

@@ -30,7 +30,8 @@ pub fn inner() -> Result<()> {
     let c = Containerd::start(&env, &scratch, 5);
     println!("==> ctr run --rm --runtime {RUNTIME} {IMAGE} demo ...   (the shim boots the utility VM)");
     let started = Instant::now();
-    let o = c.run("demo", &[], &["sh", "-c", "echo \"guest kernel: $(uname -r), $(nproc) vCPUs, hostname $(hostname)\""]);
+    let o =
+        c.run("demo", &[], &["sh", "-c", "echo \"guest kernel: $(uname -r), $(nproc) vCPUs, hostname $(hostname)\""]);
     if !o.status.success() {
         bail!("the container failed: {}", text(&o));
     }

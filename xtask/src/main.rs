@@ -3,6 +3,7 @@
 mod artefacts;
 mod bench;
 mod bench_agent;
+mod bench_containerd;
 mod bench_devices;
 mod cpio;
 mod demo;
