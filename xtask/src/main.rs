@@ -11,6 +11,7 @@ mod e2e;
 mod fuzz;
 mod guest;
 mod images;
+mod install;
 mod kernel;
 mod paths;
 mod place;
@@ -48,8 +49,12 @@ enum Task {
     E2e { suite: String, filter: Option<String> },
     /// Run one benchmark; it prints its figures beside a reference, as ratios.
     Bench { name: String },
-    /// Boot the utility VM and show its kernel beside the host's.
+    /// Run a container through containerd on the hearth runtime (booting the VM on first use)
+    /// and show its kernel beside the host's.
     Demo,
+    /// Install hearth-vmm, the shim, the kernel and the agent initramfs under /usr/local,
+    /// and a first /etc/hearth/config.toml.
+    Install,
     /// Run the fuzz targets (or one) for some seconds each; fails if one finds something.
     Fuzz {
         /// Seconds per target.
@@ -101,6 +106,7 @@ fn main() -> ExitCode {
         Task::E2e { suite, filter } => Artefacts::build().and_then(|a| e2e::run(&suite, filter.as_deref(), &a)),
         Task::Bench { name } => Artefacts::build().and_then(|a| bench::run(&name, &a)),
         Task::Demo => setup::run().and_then(|_| Artefacts::build()).and_then(|a| demo::run(&a)),
+        Task::Install => setup::run().and_then(|_| Artefacts::build()).and_then(|a| install::run(&a)),
         Task::Fuzz { seconds, target } => fuzz::run(&target.into_iter().collect::<Vec<_>>(), seconds),
         Task::Testhost { command } => testhost::ensure_assets().and_then(|assets| {
             let script = format!(
