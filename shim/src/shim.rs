@@ -56,11 +56,16 @@ impl containerd_shim::Shim for HearthShim {
         let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &group);
         // A shim of this group already serving: containerd talks to it.
         let path = address.strip_prefix("unix://").unwrap_or(&address);
-        if UnixStream::connect(path).is_ok() {
-            return Ok(address);
-        }
-        let _ = std::fs::remove_file(path);
-        let (_pid, address) = containerd_shim::spawn(opts, &group, Vec::new())?;
+        let address = if UnixStream::connect(path).is_ok() {
+            address
+        } else {
+            let _ = std::fs::remove_file(path);
+            containerd_shim::spawn(opts, &group, Vec::new())?.1
+        };
+        // containerd reads the bundle's `address` file when it restarts, to
+        // find the shim again (start runs in the bundle).
+        std::fs::write("address", &address)
+            .map_err(|e| containerd_shim::Error::Other(format!("writing the address file: {e}")))?;
         Ok(address)
     }
 

@@ -16,6 +16,8 @@ pub struct Containerd {
     root: PathBuf,
     pub vms: PathBuf,
     log: PathBuf,
+    /// How to start it again.
+    command: (PathBuf, String, PathBuf),
 }
 
 impl Containerd {
@@ -58,23 +60,42 @@ impl Containerd {
         let shim_dir = env.shim.parent().unwrap();
         let path = format!("{}:{}", shim_dir.display(), std::env::var("PATH").unwrap_or_default());
         let log = scratch.path("containerd.log");
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .env("PATH", path)
-            .env("HEARTH_CONFIG", &hearth_config)
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("starting containerd (installed by `cargo xtask setup`)");
-        let c = Containerd { child, socket, root, vms, log };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !c.ctr(&["version"]).status.success() {
-            assert!(Instant::now() < deadline, "containerd did not come up:\n{}", c.log_text());
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let command = (config, path, hearth_config);
+        let child = Self::spawn(&command, &log);
+        let c = Containerd { child, socket, root, vms, log, command };
+        c.wait_ready();
         c.ok(&["images", "import", &env.busybox_image.display().to_string()]);
         c
+    }
+
+    fn spawn(command: &(PathBuf, String, PathBuf), log: &std::path::Path) -> Child {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        Command::new("containerd")
+            .arg("--config")
+            .arg(&command.0)
+            .env("PATH", &command.1)
+            .env("HEARTH_CONFIG", &command.2)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("starting containerd (installed by `cargo xtask setup`)")
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.ctr(&["version"]).status.success() {
+            assert!(Instant::now() < deadline, "containerd did not come up:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Stops containerd (SIGTERM, as a service manager would) and starts it
+    /// again; shims and their containers live on.
+    pub fn restart(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.command, &self.log);
+        self.wait_ready();
     }
 
     pub fn log_text(&self) -> String {
