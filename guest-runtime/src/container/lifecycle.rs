@@ -359,6 +359,13 @@ impl Containers {
             ..Default::default()
         };
         c.process(exec_id)?.exit = Some(resp.clone());
+        // Queue the OOM event now if the watcher has not yet: a caller that
+        // deletes right after the exit (`ctr run --rm`) would otherwise race
+        // it and the event would be lost.
+        if kills_now > c.oom_kills_seen {
+            c.oom_kills_seen = kills_now;
+            self.oom.push(c.id.clone());
+        }
         Ok(resp)
     }
 
