@@ -99,7 +99,8 @@ fn containers_through_containerd() {
     // container boots a new VM.
     let vmm = c.vmm_pids();
     assert_eq!(vmm.len(), 1);
-    let _ = Command::new("kill").args(["-9", &vmm[0].to_string()]).status();
+    // SAFETY: kill(2) on a pid we just found.
+    unsafe { libc::kill(vmm[0], libc::SIGKILL) };
     wait_until("container one reported stopped after its VM died", Duration::from_secs(60), || {
         c.ok(&["task", "ls"]).lines().any(|l| l.starts_with("one ") && l.contains("STOPPED"))
     });
