@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use hearth_agent_protocol::agent::Stdio;
-use hearth_agent_protocol::transport::{listen_stdio, stdio_socket_path};
+use hearth_agent_protocol::transport::{accept_within, listen_stdio, stdio_socket_path};
 
 static NEXT_PORT: AtomicU32 = AtomicU32::new(0x1_0000);
 
@@ -77,18 +77,8 @@ pub fn prepare(vsock: &Path, paths: &StdioPaths) -> Result<(Stdio, Pending)> {
 }
 
 fn accept(l: &(u32, UnixListener)) -> Result<UnixStream> {
-    l.1.set_nonblocking(true)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match l.1.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false)?;
-                return Ok(s);
-            }
-            Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
-            Err(e) => return Err(e).context(format!("the agent never connected stdio port {}", l.0)),
-        }
-    }
+    accept_within(&l.1, Duration::from_secs(30))
+        .with_context(|| format!("the agent never connected stdio port {}", l.0))
 }
 
 /// Opens containerd's side of an output: a FIFO (opened for writing; ctr

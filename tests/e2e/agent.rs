@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hearth_agent_protocol::agent::{Empty, MountRequest, SyncTimeRequest};
 use hearth_agent_protocol::transport::{AgentAddress, AGENT_PORT};
-use hearth_e2e::agent::{busybox_rootfs, Agent, CASES};
+use hearth_e2e::agent::{busybox_rootfs, run_cases, Agent};
 use hearth_e2e::{Env, Scratch};
 
 fn ctx(secs: i64) -> ttrpc::context::Context {
@@ -93,21 +93,7 @@ fn container_lifecycle_in_the_vm() {
     let o = agent.run("vmview", &shared).expect("a container in the VM's namespaces");
     assert_eq!(o.stdout, "hearth-vm\ninet 172.31.1.2/24\n", "stderr {:?}", o.stderr);
 
-    let filter = std::env::var("HEARTH_AGENT_CASES").unwrap_or_default();
-    let mut failed = Vec::new();
-    for (name, case) in CASES {
-        if !filter.is_empty() && !filter.split(',').any(|f| name.contains(f)) {
-            continue;
-        }
-        let t = std::time::Instant::now();
-        match case(&agent) {
-            Ok(()) => eprintln!("case {name} ... ok ({:.1} s)", t.elapsed().as_secs_f64()),
-            Err(e) => {
-                eprintln!("case {name} ... FAILED: {e:#}");
-                failed.push(format!("{name}: {e:#}"));
-            }
-        }
-    }
+    let failed = run_cases(&agent);
     let left = agent.client.list_containers(ctx(10), &Empty::new()).unwrap();
     assert!(left.containers.is_empty(), "containers left: {:?}", left.containers);
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use hearth_agent_protocol::agent::Empty;
 use hearth_agent_protocol::transport::AgentAddress;
-use hearth_e2e::agent::{busybox_rootfs, Agent, CASES};
+use hearth_e2e::agent::{busybox_rootfs, run_cases, Agent};
 use hearth_e2e::Scratch;
 
 fn var(name: &str) -> PathBuf {
@@ -63,21 +63,7 @@ fn container_lifecycle_natively() {
     let health = agent.client.health(ttrpc::context::with_timeout(10_000_000_000), &Empty::new()).unwrap();
     assert_eq!(health.mode, "native");
 
-    let filter = std::env::var("HEARTH_AGENT_CASES").unwrap_or_default();
-    let mut failed = Vec::new();
-    for (name, case) in CASES {
-        if !filter.is_empty() && !filter.split(',').any(|f| name.contains(f)) {
-            continue;
-        }
-        let t = std::time::Instant::now();
-        match case(&agent) {
-            Ok(()) => eprintln!("case {name} ... ok ({:.1} s)", t.elapsed().as_secs_f64()),
-            Err(e) => {
-                eprintln!("case {name} ... FAILED: {e:#}");
-                failed.push(format!("{name}: {e:#}"));
-            }
-        }
-    }
+    let failed = run_cases(&agent);
 
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     if !failed.is_empty() {

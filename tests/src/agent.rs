@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use hearth_agent_protocol::agent::*;
-use hearth_agent_protocol::transport::{listen_stdio, AgentAddress};
+use hearth_agent_protocol::transport::{accept_within, listen_stdio, AgentAddress};
 use hearth_agent_protocol::AgentClient;
 use serde_json::{json, Value};
 
@@ -167,18 +167,7 @@ impl Io {
 /// Accepts the agent's connection on a stdio port, giving up after a while
 /// (if the request failed, nobody ever comes).
 fn accept_one(l: UnixListener) -> Option<UnixStream> {
-    l.set_nonblocking(true).ok()?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        match l.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false).ok()?;
-                return Some(s);
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(5)),
-        }
-    }
-    None
+    accept_within(&l, Duration::from_secs(120)).ok()
 }
 
 /// How a run went.
@@ -639,6 +628,27 @@ pub fn case_bad_input(a: &Agent) -> Result<()> {
 }
 
 pub type Case = fn(&Agent) -> Result<()>;
+
+/// Runs every case (or those whose names contain one of the comma-separated
+/// words in `HEARTH_AGENT_CASES`), reporting each; the failures, described.
+pub fn run_cases(agent: &Agent) -> Vec<String> {
+    let filter = std::env::var("HEARTH_AGENT_CASES").unwrap_or_default();
+    let mut failed = Vec::new();
+    for (name, case) in CASES {
+        if !filter.is_empty() && !filter.split(',').any(|f| name.contains(f)) {
+            continue;
+        }
+        let t = Instant::now();
+        match case(agent) {
+            Ok(()) => eprintln!("case {name} ... ok ({:.1} s)", t.elapsed().as_secs_f64()),
+            Err(e) => {
+                eprintln!("case {name} ... FAILED: {e:#}");
+                failed.push(format!("{name}: {e:#}"));
+            }
+        }
+    }
+    failed
+}
 
 /// Every case, by name, for the suites to run one test each.
 pub const CASES: &[(&str, Case)] = &[

@@ -108,6 +108,12 @@ fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
     v[v.len() / 2]
 }
 
+/// The median of timings (floats have no total order; NaN never occurs here).
+pub fn median_f64(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
 fn boot(a: &Artefacts) -> Result<()> {
     let runs: usize = std::env::var("HEARTH_BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
     let (cpus, mem) = ("2", "256");
@@ -160,19 +166,4 @@ fn boot(a: &Artefacts) -> Result<()> {
     );
     println!("boot-to-init ratio hearth/qemu: {:.2}", ht.as_secs_f64() / qt.as_secs_f64());
     Ok(())
-}
-
-/// Waits for a child to exit by itself, killing it after `grace`.
-pub fn wait_or_kill(child: &mut std::process::Child, grace: Duration) -> Result<std::process::ExitStatus> {
-    let deadline = Instant::now() + grace;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            return Ok(child.wait()?);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

@@ -25,17 +25,13 @@ use hearth_agent_protocol::transport::{AgentAddress, AGENT_PORT};
 use hearth_agent_protocol::AgentClient;
 
 use crate::artefacts::Artefacts;
+use crate::bench::median_f64;
 use crate::sh;
 
 const RUNS: usize = 10;
 
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(120_000_000_000)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 fn trivial_spec(root: &str) -> serde_json::Value {
@@ -72,7 +68,7 @@ fn write_bundle(bundle: &Path, rootfs: &str) -> Result<()> {
 }
 
 fn report(place: &str, agent: Vec<f64>, runc: Vec<f64>) {
-    let (a, r) = (median(agent), median(runc));
+    let (a, r) = (median_f64(agent), median_f64(runc));
     println!("{place}: hearth-agent create+start+wait+delete {a:.1} ms");
     println!("{place}: runc run (reference)                  {r:.1} ms");
     println!("{place}: ratio agent/runc {:.2}", a / r);
@@ -120,7 +116,7 @@ pub fn native(a: &Artefacts) -> Result<()> {
             let _ = client.shutdown(ctx(), &Default::default());
             Ok(())
         })();
-        let _ = crate::bench::wait_or_kill(&mut agent, Duration::from_secs(10));
+        let _ = hearth_e2e::wait_timeout(&mut agent, Duration::from_secs(10));
         result
     })();
     let _ = std::fs::remove_dir_all(&dir);
@@ -237,7 +233,7 @@ mount -t tmpfs tmpfs /tmp
         let _ = client.shutdown(ctx(), &Default::default());
         Ok(agent_ms)
     })();
-    let _ = crate::bench::wait_or_kill(&mut vmm, Duration::from_secs(30));
+    let _ = hearth_e2e::wait_timeout(&mut vmm, Duration::from_secs(30));
     report("guest", result?, runc_ms);
     Ok(())
 }

@@ -10,12 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use hearth_e2e::containerd::{text, wait_until, Containerd, IMAGE, RUNTIME};
 
-const RUNS: usize = 5;
+use crate::bench::median_f64;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
+const RUNS: usize = 5;
 
 fn timed_run(c: &Containerd, runtime: &str, id: &str) -> Result<f64> {
     let started = Instant::now();
@@ -57,7 +54,7 @@ pub fn run() -> Result<()> {
         runc.push(timed_run(&c, "io.containerd.runc.v2", &format!("runc-{i}"))?);
     }
     c.ok(&["task", "kill", "-s", "SIGKILL", "keeper"]);
-    let (cold, warm, runc) = (median(cold), median(warm), median(runc));
+    let (cold, warm, runc) = (median_f64(cold), median_f64(warm), median_f64(runc));
     println!("ctr run --rm {IMAGE} true, median of {RUNS}:");
     println!("  hearth cold (VM boot included) {cold:.0} ms");
     println!("  hearth warm (VM running)       {warm:.0} ms");

@@ -362,10 +362,7 @@ impl Containers {
         // Queue the OOM event now if the watcher has not yet: a caller that
         // deletes right after the exit (`ctr run --rm`) would otherwise race
         // it and the event would be lost.
-        if kills_now > c.oom_kills_seen {
-            c.oom_kills_seen = kills_now;
-            self.oom.push(c.id.clone());
-        }
+        self.note_oom_kills(&mut c, kills_now);
         Ok(resp)
     }
 
@@ -481,10 +478,16 @@ impl Containers {
         for c in all {
             let mut c = lock(&c);
             let kills = c.cgroup.oom_counts().1;
-            if kills > c.oom_kills_seen {
-                c.oom_kills_seen = kills;
-                self.oom.push(c.id.clone());
-            }
+            self.note_oom_kills(&mut c, kills);
+        }
+    }
+
+    /// Queues one OOM event if the container's OOM-kill counter grew past
+    /// what was seen last (by the watcher or by a wait).
+    fn note_oom_kills(&self, c: &mut Container, kills: u64) {
+        if kills > c.oom_kills_seen {
+            c.oom_kills_seen = kills;
+            self.oom.push(c.id.clone());
         }
     }
 
