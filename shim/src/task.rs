@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -77,6 +78,9 @@ pub struct Inner {
     stopping: Mutex<bool>,
     /// Set (under the containers lock) once the shim has decided to exit.
     closing: Mutex<bool>,
+    /// Creates under way: a create that is still booting the VM has no
+    /// container in the table yet, but the VM must not idle out under it.
+    creating: AtomicUsize,
     /// The shim's own socket, removed when it decides to exit so that
     /// containerd starts a fresh shim for the next container.
     socket: String,
@@ -138,12 +142,18 @@ impl Service {
             exit,
             stopping: Mutex::new(false),
             closing: Mutex::new(false),
+            creating: AtomicUsize::new(0),
             socket,
         }))
     }
 
     fn containers(&self) -> MutexGuard<'_, HashMap<String, Container>> {
         self.0.containers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the VM is in use: containers, or a create under way.
+    fn busy(&self, containers: &HashMap<String, Container>) -> bool {
+        !containers.is_empty() || self.0.creating.load(Ordering::SeqCst) > 0
     }
 
     fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
@@ -376,7 +386,7 @@ impl Service {
             let idle = if now { Duration::ZERO } else { Duration::from_secs(me.0.cfg.idle_timeout_secs) };
             let deadline = Instant::now() + idle;
             while Instant::now() < deadline {
-                if !me.containers().is_empty() {
+                if me.busy(&me.containers()) {
                     return; // busy again
                 }
                 std::thread::sleep(Duration::from_millis(100));
@@ -385,7 +395,7 @@ impl Service {
                 // Decide under the containers lock, so that a create either
                 // comes first (and the shim stays) or finds it closing.
                 let cs = me.containers();
-                if !cs.is_empty() {
+                if me.busy(&cs) {
                     return;
                 }
                 *me.0.closing.lock().unwrap() = true;
@@ -428,7 +438,16 @@ impl Task for Service {
             if cs.contains_key(&req.id) {
                 return Err(status(sttrpc::Code::ALREADY_EXISTS, format!("container {} already exists", req.id)));
             }
+            self.0.creating.fetch_add(1, Ordering::SeqCst);
         }
+        // Counted until the container is in the table (or the create failed).
+        struct Creating<'a>(&'a AtomicUsize);
+        impl Drop for Creating<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let _creating = Creating(&self.0.creating);
         let (pid, c) = self.do_create(&req).map_err(|e| {
             log::error!("create {}: {e:#}", req.id);
             internal(e)
