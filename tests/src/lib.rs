@@ -255,10 +255,11 @@ pub fn run_streaming(cmd: &mut Command, hang_guard: Duration, mut on_line: impl 
             }
         }
     });
-    let err_t = std::thread::spawn(move || {
+    let (err_tx, err_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let mut s = Vec::new();
         let _ = err.read_to_end(&mut s);
-        String::from_utf8_lossy(&s).into_owned()
+        let _ = err_tx.send(String::from_utf8_lossy(&s).into_owned());
     });
     let started = Instant::now();
     let mut stdout = String::new();
@@ -282,11 +283,35 @@ pub fn run_streaming(cmd: &mut Command, hang_guard: Duration, mut on_line: impl 
             killed = true;
         }
     };
-    for line in lines {
-        take(line, &mut stdout);
+    // The pipes end when the last process holding them does. A child the
+    // process left behind (killed without cleaning up) may hold them for
+    // ever: drain for a while, then go on rather than hang the suite.
+    let drain_until = Instant::now() + Duration::from_secs(10);
+    let mut leftover = false;
+    loop {
+        match lines.recv_timeout(drain_until.saturating_duration_since(Instant::now())) {
+            Ok(line) => take(line, &mut stdout),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                leftover = true;
+                break;
+            }
+        }
     }
-    let _ = out_t.join();
-    Finished { status, stdout, stderr: err_t.join().unwrap(), killed }
+    if !leftover {
+        let _ = out_t.join();
+    }
+    let mut stderr = match err_rx.recv_timeout(drain_until.saturating_duration_since(Instant::now())) {
+        Ok(s) => s,
+        Err(_) => {
+            leftover = true;
+            String::new()
+        }
+    };
+    if leftover {
+        stderr.push_str("\n[hearth-e2e: the process ended but something it started still holds its output]\n");
+    }
+    Finished { status, stdout, stderr, killed }
 }
 
 /// A `/proc/<pid>/status` field in KiB (`VmRSS`, `RssShmem`...), if the

@@ -15,6 +15,7 @@
 //! connects to one started by someone else.
 
 use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -120,14 +121,26 @@ impl Fs {
                     std::env::temp_dir().join(format!("hearth-virtiofsd-{}-{}.sock", std::process::id(), config.tag));
                 let _ = std::fs::remove_file(&socket);
                 let path = find_virtiofsd().ok_or(Error::NoVirtiofsd)?;
-                let child = Command::new(&path)
-                    .arg(format!("--socket-path={}", socket.display()))
+                let mut cmd = Command::new(&path);
+                cmd.arg(format!("--socket-path={}", socket.display()))
                     .arg(format!("--shared-dir={}", dir.display()))
                     .arg(format!("--cache={}", config.cache))
                     .args(["--log-level", "error"])
-                    .stdin(Stdio::null())
-                    .spawn()
-                    .map_err(|source| Error::Spawn { path: path.clone(), source })?;
+                    .stdin(Stdio::null());
+                // virtiofsd must not outlive us: a VMM killed by SIGKILL runs
+                // no Drop, and an orphan would keep the share (and whatever
+                // pipes it inherited) open. The main thread, which spawns it,
+                // lives as long as the process.
+                // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                let child = cmd.spawn().map_err(|source| Error::Spawn { path: path.clone(), source })?;
                 (socket, Some(child))
             }
             (None, Some(socket)) => (socket.clone(), None),
