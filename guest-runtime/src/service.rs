@@ -77,6 +77,11 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
+    fn delete_process(&self, _: &TtrpcContext, req: ProcessRequest) -> R<Empty> {
+        log_err("DeleteProcess", self.containers.delete_process(&req.container_id, &req.exec_id))?;
+        Ok(Empty::new())
+    }
+
     fn state_container(&self, _: &TtrpcContext, req: ContainerRequest) -> R<StateContainerResponse> {
         log_err("StateContainer", self.containers.state(&req.container_id))
     }

@@ -413,6 +413,14 @@ pub fn case_exec(a: &Agent) -> Result<()> {
             a.client.state_container(ctx(), &ContainerRequest { container_id: id.into(), ..Default::default() })?;
         ensure!(st.status.enum_value() == Ok(ContainerStatus::RUNNING), "state {:?}", st.status);
         ensure!(st.processes.iter().any(|p| p.exec_id == "e1" && p.exited && p.exit_status == 7), "{st:?}");
+        // Deleted, an exec's id can be used again.
+        let e1 = ProcessRequest { container_id: id.into(), exec_id: "e1".into(), ..Default::default() };
+        a.client.delete_process(ctx(), &e1)?;
+        let (_, mut io) = a.exec(id, "e1", &["/bin/echo", "again"], false, false)?;
+        ensure!(a.wait(id, "e1")?.exit_status == 0, "the reused exec id failed");
+        ensure!(io.output().0 == "again\n", "the reused exec id's output");
+        let init_del = ProcessRequest { container_id: id.into(), ..Default::default() };
+        ensure!(a.client.delete_process(ctx(), &init_del).is_err(), "DeleteProcess took the init");
         a.signal(id, "", libc::SIGKILL)?;
         let w = a.wait(id, "")?;
         ensure!(w.exit_status == 137, "init after SIGKILL: {}", w.exit_status);

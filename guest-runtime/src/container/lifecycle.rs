@@ -405,6 +405,27 @@ impl Containers {
         Ok(())
     }
 
+    /// Forgets an exec process once its exit has been collected.
+    pub fn delete_process(&self, id: &str, exec_id: &str) -> Result<()> {
+        if exec_id.is_empty() {
+            return Err(AgentError::InvalidArgument(
+                "the init process is deleted with its container (DeleteContainer)".into(),
+            ));
+        }
+        let c = self.get(id)?;
+        let mut c = lock(&c);
+        let p = c.process(exec_id)?;
+        if p.exit.is_none() {
+            return Err(AgentError::FailedPrecondition(format!(
+                "process {exec_id:?} of container {id:?} has not been waited for: wait for it (or kill it) first"
+            )));
+        }
+        let pid = p.pid;
+        c.execs.remove(exec_id);
+        self.reaper.forget(pid);
+        Ok(())
+    }
+
     pub fn state(&self, id: &str) -> Result<StateContainerResponse> {
         let c = self.get(id)?;
         let mut c = lock(&c);
