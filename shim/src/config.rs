@@ -35,6 +35,10 @@ pub struct Config {
     pub extra_cmdline: String,
     /// Seconds the VM stays up with no containers before it shuts down.
     pub idle_timeout_secs: u64,
+    /// Seconds the agent may leave a health check unanswered before the shim
+    /// declares it dead and stops the VM (its tasks exit with 255); 0 turns
+    /// the check off.
+    pub agent_timeout_secs: u64,
     pub mode: VmMode,
     /// A tracing-style level for the shim's log: error, warn, info, debug.
     pub log_level: String,
@@ -53,6 +57,7 @@ impl Default for Config {
             vcpus: 2,
             extra_cmdline: String::new(),
             idle_timeout_secs: 30,
+            agent_timeout_secs: 30,
             mode: VmMode::Shared,
             log_level: "info".into(),
             state_dir: "/run/hearth/vms".into(),
@@ -62,7 +67,8 @@ impl Default for Config {
 
 impl Config {
     /// The configuration in force: `$HEARTH_CONFIG`, else the default path,
-    /// else the defaults.
+    /// else the defaults. (A runtime option's `ConfigPath` may replace it
+    /// later, when the first container is created: see task.rs.)
     pub fn load() -> anyhow::Result<Config> {
         match std::env::var_os("HEARTH_CONFIG") {
             Some(p) => Self::from_file(Path::new(&p)),
@@ -102,6 +108,27 @@ impl Config {
     }
 }
 
+/// The `ConfigPath` of containerd's generic runtime options
+/// (`runtimeoptions.v1.Options`, which `ctr run --runtime-config-path` and the
+/// CRI's `[...runtimes.hearth.options] ConfigPath` send with a create), if
+/// the options are of that type and name one.
+pub fn config_path_from_options(type_url: &str, value: &[u8]) -> Option<PathBuf> {
+    use containerd_shim::protos::protobuf::CodedInputStream;
+    if !type_url.ends_with("runtimeoptions.v1.Options") {
+        return None;
+    }
+    // message Options { string type_url = 1; string config_path = 2; }
+    let mut input = CodedInputStream::from_bytes(value);
+    let mut path = None;
+    while let Ok(Some(tag)) = input.read_raw_tag_or_eof() {
+        match tag {
+            0x12 => path = input.read_string().ok(),
+            _ => containerd_shim::protos::protobuf::rt::skip_field_for_tag(tag, &mut input).ok()?,
+        }
+    }
+    path.filter(|p| !p.is_empty()).map(PathBuf::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +140,17 @@ mod tests {
         assert_eq!(c.mode, VmMode::PerPod);
         assert_eq!(c.vcpus, 2);
         assert_eq!(c.idle_timeout_secs, 30);
+    }
+
+    #[test]
+    fn config_path_is_read_from_runtime_options() {
+        // type_url = "x" (field 1), config_path = "/etc/h.toml" (field 2).
+        let mut v = vec![0x0a, 1, b'x', 0x12, 11];
+        v.extend_from_slice(b"/etc/h.toml");
+        assert_eq!(config_path_from_options("runtimeoptions.v1.Options", &v), Some(PathBuf::from("/etc/h.toml")));
+        assert_eq!(config_path_from_options("containerd.runc.v1.Options", &v), None);
+        assert_eq!(config_path_from_options("runtimeoptions.v1.Options", &[0x0a, 1, b'x']), None);
+        assert_eq!(config_path_from_options("runtimeoptions.v1.Options", &[0x12, 40, b'/']), None);
     }
 
     #[test]

@@ -40,6 +40,12 @@ pub struct Pending {
 pub struct ProcessIo {
     stdin: Mutex<Option<UnixStream>>,
     done: Mutex<Vec<mpsc::Receiver<()>>>,
+    /// A second handle on the process's stderr (its terminal with a PTY),
+    /// kept until the process ends, so that the shim can say why a process
+    /// ended when it, not the process, decided it: by the time the shim
+    /// learns that the VM died, the copying threads have closed theirs and
+    /// the reader, seeing the end of the output, may have closed its end.
+    notice: Mutex<Option<(File, bool)>>,
 }
 
 fn port() -> u32 {
@@ -135,7 +141,7 @@ impl Pending {
     /// After the agent created the process: accepts its streams and starts
     /// copying.
     pub fn start(self) -> Result<ProcessIo> {
-        let io = ProcessIo { stdin: Mutex::new(None), done: Mutex::new(Vec::new()) };
+        let io = ProcessIo { stdin: Mutex::new(None), done: Mutex::new(Vec::new()), notice: Mutex::new(None) };
         let mut done = Vec::new();
         if self.paths.terminal {
             let stream = accept(self.stdout.as_ref().unwrap())?;
@@ -145,6 +151,7 @@ impl Pending {
                 std::thread::spawn(move || copy(input, to));
             }
             let out = open_output(&self.paths.stdout)?;
+            *io.notice.lock().unwrap() = Some((out.try_clone()?, true));
             let (tx, rx) = mpsc::channel();
             done.push(rx);
             std::thread::spawn(move || {
@@ -165,6 +172,10 @@ impl Pending {
                 if let Some(l) = l {
                     let stream = accept(l)?;
                     let out = open_output(path)?;
+                    // stderr if there is one, else stdout.
+                    if path == &self.paths.stderr || io.notice.lock().unwrap().is_none() {
+                        *io.notice.lock().unwrap() = Some((out.try_clone()?, false));
+                    }
                     let (tx, rx) = mpsc::channel();
                     done.push(rx);
                     std::thread::spawn(move || {
@@ -200,6 +211,16 @@ impl ProcessIo {
         let deadline = std::time::Instant::now() + grace;
         for rx in self.done.lock().unwrap().drain(..) {
             let _ = rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
+        }
+        self.notice.lock().unwrap().take();
+    }
+
+    /// Writes a line from hearth to the process's stderr (or terminal), and
+    /// lets the output end.
+    pub fn notify(&self, msg: &str) {
+        if let Some((mut f, terminal)) = self.notice.lock().unwrap().take() {
+            let nl = if terminal { "\r\n" } else { "\n" };
+            let _ = write!(f, "hearth: {msg}{nl}");
         }
     }
 }

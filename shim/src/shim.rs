@@ -18,6 +18,7 @@ pub struct HearthShim {
     namespace: String,
     id: String,
     cfg: Config,
+    cfg_error: Option<String>,
 }
 
 /// The group a container's shim belongs to: one VM per group.
@@ -34,25 +35,62 @@ fn grouping(cfg: &Config, id: &str) -> String {
     }
 }
 
+/// The ConfigPath of the runtime options containerd writes to `start`'s
+/// stdin (a marshalled `Any`, as it does for every shim).
+fn start_options_config_path() -> Option<std::path::PathBuf> {
+    use containerd_shim::protos::protobuf::well_known_types::any::Any;
+    use containerd_shim::protos::protobuf::Message;
+    use std::io::Read;
+    if nix::unistd::isatty(0).unwrap_or(true) {
+        return None;
+    }
+    let mut buf = Vec::new();
+    std::io::stdin().read_to_end(&mut buf).ok()?;
+    let any = Any::parse_from_bytes(&buf).ok()?;
+    crate::config::config_path_from_options(&any.type_url, &any.value)
+}
+
+/// A short stable hash (FNV-1a) to name a group after a config path.
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c9dc5u32, |h, b| (h ^ *b as u32).wrapping_mul(0x0100_0193))
+}
+
 impl containerd_shim::Shim for HearthShim {
     type T = Service;
 
-    fn new(_runtime_id: &str, args: &Flags, _config: &mut ShimConfig) -> Self {
-        let cfg = Config::load().unwrap_or_else(|e| {
-            log::error!("{e:#}; using the defaults");
-            Config::default()
-        });
+    fn new(_runtime_id: &str, args: &Flags, config: &mut ShimConfig) -> Self {
+        // A configuration that does not load is reported by every create (see
+        // task.rs); grouping and logging meanwhile use the defaults.
+        let (cfg, cfg_error) = match Config::load() {
+            Ok(c) => (c, None),
+            Err(e) => (Config::default(), Some(format!("{e:#}"))),
+        };
+        config.default_log_level = cfg.log_level.clone();
         HearthShim {
             exit: Arc::new(ExitSignal::default()),
             socket: args.socket.clone(),
             namespace: args.namespace.clone(),
             id: args.id.clone(),
             cfg,
+            cfg_error,
         }
     }
 
     fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
-        let group = grouping(&self.cfg, &opts.id);
+        // A runtime option's ConfigPath replaces the configuration: for the
+        // grouping here, and for the shim started below (through its
+        // environment). Its VMs are a group of their own.
+        let config_path = start_options_config_path();
+        let (cfg, suffix) = match &config_path {
+            Some(p) => {
+                let cfg = Config::from_file(p).map_err(|e| {
+                    containerd_shim::Error::InvalidArgument(format!("{e:#} (runtime option ConfigPath)"))
+                })?;
+                (cfg, format!("-{:08x}", fnv1a(p.as_os_str().as_encoded_bytes())))
+            }
+            None => (self.cfg.clone(), String::new()),
+        };
+        let group = grouping(&cfg, &opts.id) + &suffix;
         let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &group);
         // A shim of this group already serving: containerd talks to it.
         let path = address.strip_prefix("unix://").unwrap_or(&address);
@@ -60,7 +98,9 @@ impl containerd_shim::Shim for HearthShim {
             address
         } else {
             let _ = std::fs::remove_file(path);
-            containerd_shim::spawn(opts, &group, Vec::new())?.1
+            let path = config_path.as_ref().map(|p| p.display().to_string());
+            let vars = path.as_deref().map(|p| vec![("HEARTH_CONFIG", p)]).unwrap_or_default();
+            containerd_shim::spawn(opts, &group, vars)?.1
         };
         // containerd reads the bundle's `address` file when it restarts, to
         // find the shim again (start runs in the bundle).
@@ -88,7 +128,14 @@ impl containerd_shim::Shim for HearthShim {
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
-        Service::new(self.cfg.clone(), self.namespace.clone(), self.socket.clone(), publisher, self.exit.clone())
+        Service::new(
+            self.cfg.clone(),
+            self.cfg_error.clone(),
+            self.namespace.clone(),
+            self.socket.clone(),
+            publisher,
+            self.exit.clone(),
+        )
     }
 }
 

@@ -67,7 +67,16 @@ impl Container {
 }
 
 pub struct Inner {
-    cfg: Config,
+    /// The configuration in force; a create's runtime options may replace it
+    /// while no VM runs.
+    cfg: Mutex<Config>,
+    /// The file the configuration came from, when one was named.
+    cfg_source: Mutex<Option<PathBuf>>,
+    /// Why the configuration could not be loaded: creates fail with it
+    /// rather than boot a VM from defaults nobody asked for.
+    cfg_error: Mutex<Option<String>>,
+    /// Why the shim stopped the VM itself (a dead agent), for vm_ended.
+    dead_reason: Mutex<Option<String>>,
     namespace: String,
     publisher: RemotePublisher,
     vm: Mutex<Option<Arc<Vm>>>,
@@ -127,13 +136,17 @@ fn from_nanos(n: i64) -> SystemTime {
 impl Service {
     pub fn new(
         cfg: Config,
+        cfg_error: Option<String>,
         namespace: String,
         socket: String,
         publisher: RemotePublisher,
         exit: Arc<ExitSignal>,
     ) -> Service {
         Service(Arc::new(Inner {
-            cfg,
+            cfg: Mutex::new(cfg),
+            cfg_source: Mutex::new(std::env::var_os("HEARTH_CONFIG").map(PathBuf::from)),
+            cfg_error: Mutex::new(cfg_error),
+            dead_reason: Mutex::new(None),
             namespace,
             publisher,
             vm: Mutex::new(None),
@@ -149,6 +162,33 @@ impl Service {
 
     fn containers(&self) -> MutexGuard<'_, HashMap<String, Container>> {
         self.0.containers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cfg(&self) -> Config {
+        self.0.cfg.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Applies a create's runtime options: a `ConfigPath` names the
+    /// configuration to boot the VM with. A VM already running keeps its own.
+    fn apply_options(&self, options: Option<&Any>) -> TtrpcResult<()> {
+        let Some(path) = options.and_then(|o| crate::config::config_path_from_options(&o.type_url, &o.value)) else {
+            return Ok(());
+        };
+        if self.0.cfg_source.lock().unwrap().as_ref() == Some(&path) {
+            return Ok(());
+        }
+        let vm_running = self.0.vm.lock().unwrap().is_some();
+        if vm_running {
+            log::warn!("runtime option ConfigPath {} ignored: the utility VM is already running", path.display());
+            return Ok(());
+        }
+        let cfg = Config::from_file(&path).map_err(|e| {
+            status(sttrpc::Code::INVALID_ARGUMENT, format!("{e:#} (named by the runtime option ConfigPath)"))
+        })?;
+        *self.0.cfg.lock().unwrap() = cfg;
+        *self.0.cfg_source.lock().unwrap() = Some(path);
+        *self.0.cfg_error.lock().unwrap() = None;
+        Ok(())
     }
 
     /// Whether the VM is in use: containers, or a create under way.
@@ -177,13 +217,22 @@ impl Service {
         if let Some(vm) = slot.as_ref() {
             return Ok(vm.clone());
         }
-        let dir = self.0.cfg.state_dir.join(format!("{}-{}", self.0.namespace, std::process::id()));
+        if let Some(e) = self.0.cfg_error.lock().unwrap().clone() {
+            return Err(status(
+                sttrpc::Code::FAILED_PRECONDITION,
+                format!("{e}: fix the file, then run the container again"),
+            ));
+        }
+        let cfg = self.cfg();
+        let dir = cfg.state_dir.join(format!("{}-{}", self.0.namespace, std::process::id()));
         let me = self.clone();
-        let vm = Vm::boot(&self.0.cfg, &dir, move |code, console| me.vm_ended(code, console))
+        *self.0.dead_reason.lock().unwrap() = None;
+        let vm = Vm::boot(&cfg, &dir, move |code, console| me.vm_ended(code, console))
             .map_err(|e| status(sttrpc::Code::UNAVAILABLE, format!("booting the utility VM: {e:#}")))?;
         let vm = Arc::new(vm);
         *slot = Some(vm.clone());
         self.watch_oom(vm.clone());
+        self.watch_agent(vm.clone(), cfg.agent_timeout_secs);
         Ok(vm)
     }
 
@@ -197,12 +246,15 @@ impl Service {
         if *self.0.stopping.lock().unwrap() {
             return;
         }
-        let reason = match code {
-            3 => "the guest kernel panicked",
-            4 => "the guest crashed",
-            0 => "the guest shut down",
-            _ => "hearth-vmm failed",
-        };
+        let reason = self.0.dead_reason.lock().unwrap().take().unwrap_or_else(|| {
+            match code {
+                3 => "the guest kernel panicked",
+                4 => "the guest crashed",
+                0 => "the guest shut down",
+                _ => "hearth-vmm failed",
+            }
+            .to_string()
+        });
         log::error!("the utility VM ended (hearth-vmm status {code}: {reason}); its processes are reported exited with {VM_GONE_STATUS}\n--- console ---\n{console}");
         let now = SystemTime::now();
         let mut events = Vec::new();
@@ -213,6 +265,9 @@ impl Service {
                     .chain(c.execs.iter_mut().map(|(k, v)| (k.clone(), v)));
                 for (exec_id, p) in procs {
                     if p.started && p.exit.is_none() {
+                        if let Some(io) = &p.io {
+                            io.notify(&format!("the utility VM ended ({reason}); exit status {VM_GONE_STATUS}"));
+                        }
                         p.exit = Some((VM_GONE_STATUS, now));
                         events.push(TaskExit {
                             container_id: id.clone(),
@@ -230,6 +285,43 @@ impl Service {
         for e in events {
             self.publish(TASK_EXIT_EVENT_TOPIC, Box::new(e));
         }
+    }
+
+    /// Whether `vm` is still the shim's VM (not ended, not replaced).
+    fn is_current(&self, vm: &Arc<Vm>) -> bool {
+        self.0.vm.lock().unwrap().as_ref().is_some_and(|v| Arc::ptr_eq(v, vm))
+    }
+
+    /// Checks the agent's health every few seconds. An agent that leaves a
+    /// check unanswered for `timeout_secs` (hung, or its VM frozen) is dead:
+    /// the shim stops the VM, and vm_ended reports every task exited with the
+    /// reason, rather than leaving containerd waiting for ever.
+    fn watch_agent(&self, vm: Arc<Vm>, timeout_secs: u64) {
+        if timeout_secs == 0 {
+            return;
+        }
+        let me = self.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(timeout_secs.min(5)));
+            if !me.is_current(&vm) {
+                return;
+            }
+            let Err(e) = vm.agent.health(ctx(timeout_secs as i64), &pb::Empty::new()) else { continue };
+            // A VMM that just ended fails the check too: give vm_ended the
+            // moment it needs to take the VM first.
+            let settle = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < settle && me.is_current(&vm) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if !me.is_current(&vm) || *me.0.stopping.lock().unwrap() {
+                return;
+            }
+            let reason = format!("the agent did not answer a health check within {timeout_secs} s ({e})");
+            log::error!("{reason}: stopping the utility VM (hearth-vmm pid {})", vm.vmm_pid);
+            *me.0.dead_reason.lock().unwrap() = Some(reason);
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(vm.vmm_pid), nix::sys::signal::SIGKILL);
+            return;
+        });
     }
 
     fn watch_oom(&self, vm: Arc<Vm>) {
@@ -383,7 +475,7 @@ impl Service {
     fn idle_shutdown(&self, now: bool) {
         let me = self.clone();
         std::thread::spawn(move || {
-            let idle = if now { Duration::ZERO } else { Duration::from_secs(me.0.cfg.idle_timeout_secs) };
+            let idle = if now { Duration::ZERO } else { Duration::from_secs(me.cfg().idle_timeout_secs) };
             let deadline = Instant::now() + idle;
             while Instant::now() < deadline {
                 if me.busy(&me.containers()) {
@@ -448,6 +540,7 @@ impl Task for Service {
             }
         }
         let _creating = Creating(&self.0.creating);
+        self.apply_options(req.options.as_ref())?;
         let (pid, c) = self.do_create(&req).map_err(|e| {
             log::error!("create {}: {e:#}", req.id);
             internal(e)
@@ -618,6 +711,17 @@ impl Task for Service {
             let mut cs = self.containers();
             let c = cs.get_mut(&req.id).ok_or_else(|| not_found(format!("no container {}", req.id)))?;
             let p = c.execs.remove(&req.exec_id).ok_or_else(|| not_found(format!("no process {}", req.exec_id)))?;
+            // The agent forgets it too, so that the exec id can be used again.
+            if let (Ok(vm), true) = (self.vm(), p.started) {
+                let r = pb::ProcessRequest {
+                    container_id: req.id.clone(),
+                    exec_id: req.exec_id.clone(),
+                    ..Default::default()
+                };
+                if let Err(e) = vm.agent.delete_process(ctx(30), &r) {
+                    log::warn!("deleting {}/{} in the VM: {e:?}", req.id, req.exec_id);
+                }
+            }
             let (code, at) = p.exit.unwrap_or((0, SystemTime::now()));
             return Ok(DeleteResponse {
                 pid: p.pid,

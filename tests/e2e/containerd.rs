@@ -127,3 +127,134 @@ fn containers_through_containerd() {
         std::fs::read_dir(&c.vms).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     assert!(vm_dirs.is_empty(), "VM state left: {vm_dirs:?}");
 }
+
+/// Stdout and stderr of a finished `ctr` run in the background.
+fn output_of(child: &mut std::process::Child) -> String {
+    use std::io::Read;
+    let mut s = String::new();
+    for r in [
+        child.stdout.take().map(|o| Box::new(o) as Box<dyn Read>),
+        child.stderr.take().map(|e| Box::new(e) as Box<dyn Read>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let mut r = r;
+        let _ = r.read_to_string(&mut s);
+    }
+    s
+}
+
+fn running(c: &Containerd, id: &str) -> bool {
+    c.ok(&["task", "ls"]).lines().any(|l| l.starts_with(&format!("{id} ")) && l.contains("RUNNING"))
+}
+
+fn stopped(c: &Containerd, id: &str) -> bool {
+    c.ok(&["task", "ls"]).lines().any(|l| l.starts_with(&format!("{id} ")) && l.contains("STOPPED"))
+}
+
+/// containerd restarting finds the shim and its containers again; an agent
+/// that stops answering is declared dead and its tasks exit with a reason; a
+/// broken configuration is refused by name.
+#[test]
+fn restart_dead_agent_and_bad_config() {
+    let env = Env::get();
+    let scratch = Scratch::new("containerd-faults");
+    let mut c = Containerd::start_with(&env, &scratch, "idle_timeout_secs = 3\nagent_timeout_secs = 15\n");
+    let address = c.socket.display().to_string();
+    let shims = || pids_matching("containerd-shim-hearth-v2", &address);
+
+    c.ok(&["run", "-d", "--runtime", RUNTIME, IMAGE, "long", "sleep", "1000"]);
+    let shim_before = shims();
+    c.restart();
+    wait_until("long running after containerd restarted", Duration::from_secs(60), || running(&c, "long"));
+    let o = c.ctr(&["task", "exec", "--exec-id", "after-restart", "long", "echo", "still-here"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "still-here\n", "{}\n{}", text(&o), tail(&c.log_text(), 40));
+    assert_eq!(shims(), shim_before, "the restarted containerd uses the same shim");
+
+    // An attached container sees why it ended when the agent stops
+    // answering (here: the whole VM frozen with SIGSTOP).
+    let mut attached = Command::new("ctr")
+        .arg("--address")
+        .arg(&c.socket)
+        .args(["run", "--rm", "--runtime", RUNTIME, IMAGE, "frozen", "sleep", "1000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("frozen running", Duration::from_secs(60), || running(&c, "frozen"));
+    let vmm = c.vmm_pids();
+    assert_eq!(vmm.len(), 1);
+    // SAFETY: kill(2) on the VMM we just found.
+    unsafe { libc::kill(vmm[0], libc::SIGSTOP) };
+    let code = hearth_e2e::wait_timeout(&mut attached, Duration::from_secs(180));
+    let out = output_of(&mut attached);
+    assert_eq!(code, Some(255), "{out}\n--- containerd ---\n{}", tail(&c.log_text(), 40));
+    assert!(out.contains("did not answer a health check within 15 s"), "no reason given: {out:?}");
+    wait_until("long stopped with its VM", Duration::from_secs(60), || stopped(&c, "long"));
+    wait_until("the frozen VMM killed", Duration::from_secs(30), || c.vmm_pids().is_empty());
+    c.ok(&["task", "rm", "long"]);
+    c.ok(&["containers", "rm", "long"]);
+
+    // A configuration with a mistake: the next shim refuses to boot from it
+    // and names the file and the key.
+    wait_until("the idle shim exited", Duration::from_secs(60), || shims().is_empty());
+    let config = c.hearth_config_path().to_path_buf();
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{good}vcpu = 4\n")).unwrap();
+    let o = c.run("bad-config", &[], &["true"]);
+    assert!(!o.status.success(), "a container ran from a broken config");
+    let err = text(&o);
+    assert!(err.contains(&config.display().to_string()) && err.contains("vcpu"), "unclear error: {err}");
+    assert!(c.vmm_pids().is_empty(), "a VM booted from a broken config");
+    std::fs::write(&config, good).unwrap();
+    wait_until("the refusing shim exited", Duration::from_secs(60), || shims().is_empty());
+    let o = c.run("good-again", &[], &["echo", "fixed"]);
+    assert_eq!(
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned()),
+        (Some(0), "fixed\n".into()),
+        "{}",
+        text(&o)
+    );
+
+    wait_until("the VM idled out", Duration::from_secs(120), || c.vmm_pids().is_empty());
+    wait_until("the shim exited", Duration::from_secs(60), || shims().is_empty());
+}
+
+/// Per-pod mode (one VM per CRI sandbox, Kata style), chosen by a runtime
+/// option's ConfigPath as the CRI or `ctr --runtime-config-path` send it.
+#[test]
+fn per_pod_vms_through_a_runtime_config_path() {
+    let env = Env::get();
+    let scratch = Scratch::new("containerd-pods");
+    let c = Containerd::start(&env, &scratch, 3);
+    let per_pod = scratch.path("per-pod.toml");
+    std::fs::write(&per_pod, Containerd::hearth_config(&env, &c.vms, "mode = \"per-pod\"\nidle_timeout_secs = 3\n"))
+        .unwrap();
+    let per_pod = per_pod.display().to_string();
+    for (id, pod) in [("a1", "pod-a"), ("a2", "pod-a"), ("b1", "pod-b")] {
+        let sandbox = format!("io.kubernetes.cri.sandbox-id={pod}");
+        c.ok(&["run", "-d", "--runtime", RUNTIME, "--runtime-config-path", &per_pod, "--annotation", &sandbox]
+            .into_iter()
+            .chain([IMAGE, id, "sleep", "1000"])
+            .collect::<Vec<_>>());
+    }
+    let boot = |id: &str| c.ok(&["task", "exec", "--exec-id", "boot", id, "cat", "/proc/sys/kernel/random/boot_id"]);
+    assert_eq!(boot("a1"), boot("a2"), "one pod, one VM");
+    assert_ne!(boot("a1"), boot("b1"), "two pods, two VMs");
+    assert_eq!(c.vmm_pids().len(), 2, "one VM per pod");
+    for id in ["a1", "a2", "b1"] {
+        c.ok(&["task", "kill", "-s", "SIGKILL", id]);
+        wait_until(&format!("{id} stopped"), Duration::from_secs(60), || stopped(&c, id));
+        c.ok(&["task", "rm", id]);
+        c.ok(&["containers", "rm", id]);
+    }
+    wait_until("both VMs idled out", Duration::from_secs(120), || c.vmm_pids().is_empty());
+    wait_until("the shims exited", Duration::from_secs(60), || {
+        pids_matching("containerd-shim-hearth-v2", &c.socket.display().to_string()).is_empty()
+    });
+    let vm_dirs: Vec<_> =
+        std::fs::read_dir(&c.vms).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(vm_dirs.is_empty(), "VM state left: {vm_dirs:?}");
+}

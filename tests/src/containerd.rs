@@ -24,6 +24,31 @@ impl Containerd {
     /// Starts containerd with hearth configured (VMs idle out after
     /// `idle_secs`), and imports the busybox image.
     pub fn start(env: &Env, scratch: &Scratch, idle_secs: u64) -> Containerd {
+        Self::start_with(env, scratch, &format!("idle_timeout_secs = {idle_secs}\n"))
+    }
+
+    /// hearth's configuration for this containerd's VMs, plus `extra` TOML
+    /// lines: what HEARTH_CONFIG names, or a file for ConfigPath.
+    pub fn hearth_config(env: &Env, vms: &std::path::Path, extra: &str) -> String {
+        format!(
+            "vmm = \"{}\"\nkernel = \"{}\"\ninitramfs = \"{}\"\nvirtiofsd = \"{}\"\nmemory_mib = 512\nvcpus = 2\nstate_dir = \"{}\"\nlog_level = \"debug\"\n{extra}",
+            env.vmm.display(),
+            env.vmlinux.display(),
+            env.agent_initramfs.display(),
+            env.virtiofsd.display(),
+            vms.display()
+        )
+    }
+
+    /// The file HEARTH_CONFIG names (rewritten by tests of bad configs).
+    pub fn hearth_config_path(&self) -> &std::path::Path {
+        &self.command.2
+    }
+
+    /// Starts containerd with hearth configured by `hearth_extra` (TOML lines
+    /// added to the paths of the built artefacts), and imports the busybox
+    /// image.
+    pub fn start_with(env: &Env, scratch: &Scratch, hearth_extra: &str) -> Containerd {
         let root = scratch.path("root");
         std::fs::create_dir_all(&root).unwrap();
         // Overlay snapshots need a filesystem that can be an overlay's upper
@@ -44,19 +69,7 @@ impl Containerd {
         )
         .unwrap();
         let hearth_config = scratch.path("hearth.toml");
-        std::fs::write(
-            &hearth_config,
-            format!(
-                "vmm = \"{}\"\nkernel = \"{}\"\ninitramfs = \"{}\"\nvirtiofsd = \"{}\"\nmemory_mib = 512\nvcpus = 2\nidle_timeout_secs = {}\nstate_dir = \"{}\"\nlog_level = \"debug\"\n",
-                env.vmm.display(),
-                env.vmlinux.display(),
-                env.agent_initramfs.display(),
-                env.virtiofsd.display(),
-                idle_secs,
-                vms.display()
-            ),
-        )
-        .unwrap();
+        std::fs::write(&hearth_config, Self::hearth_config(env, &vms, hearth_extra)).unwrap();
         let shim_dir = env.shim.parent().unwrap();
         let path = format!("{}:{}", shim_dir.display(), std::env::var("PATH").unwrap_or_default());
         let log = scratch.path("containerd.log");
