@@ -13,6 +13,10 @@ use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+/// The reference of the image in [`Env::debian_image`]: Debian 12 minbase
+/// (bash, coreutils, apt, dpkg), made by mmdebstrap, no registry needed.
+pub const DEBIAN_IMAGE: &str = "docker.io/hearth/debian:bookworm";
+
 /// Paths the xtask hands to the suites.
 pub struct Env {
     pub vmm: PathBuf,
@@ -30,6 +34,8 @@ pub struct Env {
     pub shim: PathBuf,
     /// The busybox OCI image archive (docker.io/hearth/busybox:latest).
     pub busybox_image: PathBuf,
+    /// The Debian minbase OCI image archive ([`DEBIAN_IMAGE`]).
+    pub debian_image: PathBuf,
     pub virtiofsd: PathBuf,
 }
 
@@ -55,6 +61,7 @@ impl Env {
             agent_initramfs: var("HEARTH_AGENT_INITRAMFS").into(),
             shim: var("HEARTH_SHIM").into(),
             busybox_image: var("HEARTH_BUSYBOX_IMAGE").into(),
+            debian_image: var("HEARTH_DEBIAN_IMAGE").into(),
             virtiofsd: var("HEARTH_VIRTIOFSD").into(),
         }
     }

@@ -27,6 +27,8 @@ pub struct Artefacts {
     pub shim: PathBuf,
     /// The busybox OCI image archive.
     pub busybox_image: PathBuf,
+    /// The Debian minbase OCI image archive (docker.io/hearth/debian:bookworm).
+    pub debian_image: PathBuf,
     pub virtiofsd: PathBuf,
 }
 
@@ -53,6 +55,7 @@ impl Artefacts {
         let k = kernel::find()?;
         let guest_tool = paths::target_dir().join(GUEST_TARGET).join("release/hearth-guest-tool");
         let busybox_image = crate::images::ensure_busybox(&guest_tool)?;
+        let debian_image = crate::images::ensure_debian(&crate::images::DEBIAN)?;
         Ok(Artefacts {
             vmm: paths::release_bin("hearth-vmm"),
             vmlinux: k.vmlinux,
@@ -64,6 +67,7 @@ impl Artefacts {
             agent_initramfs,
             shim: paths::release_bin("containerd-shim-hearth-v2"),
             busybox_image,
+            debian_image,
             virtiofsd: crate::setup::find_virtiofsd().context("virtiofsd is not installed: run `cargo xtask setup`")?,
         })
     }
@@ -80,6 +84,7 @@ impl Artefacts {
             ("HEARTH_AGENT_INITRAMFS", self.agent_initramfs.display().to_string()),
             ("HEARTH_SHIM", self.shim.display().to_string()),
             ("HEARTH_BUSYBOX_IMAGE", self.busybox_image.display().to_string()),
+            ("HEARTH_DEBIAN_IMAGE", self.debian_image.display().to_string()),
             ("HEARTH_VIRTIOFSD", self.virtiofsd.display().to_string()),
         ]
     }
@@ -98,6 +103,7 @@ impl Artefacts {
             agent_initramfs: get("HEARTH_AGENT_INITRAMFS")?.into(),
             shim: get("HEARTH_SHIM")?.into(),
             busybox_image: get("HEARTH_BUSYBOX_IMAGE")?.into(),
+            debian_image: get("HEARTH_DEBIAN_IMAGE")?.into(),
             virtiofsd: get("HEARTH_VIRTIOFSD")?.into(),
         })
     }

@@ -1,19 +1,38 @@
-//! Container images built locally (no registry is reachable): an OCI image
-//! archive that `ctr images import` takes. The test and demo image is busybox
-//! with hearth's guest tool, tagged `docker.io/hearth/busybox:latest`.
+//! Container images built locally (no registry is reachable): OCI image
+//! archives that `ctr images import` takes, cached under
+//! `<cache>/images/<key>/`, the key hashing their inputs.
+//!
+//! - `docker.io/hearth/busybox:latest`: busybox with hearth's guest tool, the
+//!   test and demo image.
+//! - `docker.io/hearth/debian:bookworm`: a Debian minbase made by mmdebstrap
+//!   from deb.debian.org, for tests that need a real distribution (glibc,
+//!   bash, apt, dpkg). [`Debian`] describes more such images (other releases,
+//!   more packages).
 
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
+use crate::progress::Progress;
 use crate::{paths, sh};
 
 pub const BUSYBOX_IMAGE: &str = "docker.io/hearth/busybox:latest";
 
+const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 fn sha256(data: &[u8]) -> String {
     format!("{:x}", Sha256::digest(data))
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut h = Sha256::new();
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    std::io::copy(&mut f, &mut h)?;
+    Ok(format!("{:x}", h.finalize()))
 }
 
 /// Writes a blob into the layout and returns its descriptor fields.
@@ -25,39 +44,54 @@ fn blob(layout: &Path, data: &[u8]) -> Result<(String, usize)> {
     Ok((format!("sha256:{digest}"), data.len()))
 }
 
-/// The busybox image archive, cached by its inputs.
-pub fn ensure_busybox(guest_tool: &Path) -> Result<PathBuf> {
-    let busybox =
-        std::fs::read(crate::testhost::BUSYBOX).context("busybox-static is not installed: run `cargo xtask setup`")?;
-    let tool = std::fs::read(guest_tool)?;
-    let key = sh::key(&[b"busybox-image-v1", &busybox, &tool]);
-    let out = paths::cache().join("images").join(key).join("busybox-oci.tar");
-    if out.exists() {
-        return Ok(out);
+/// Moves a file into the layout as a blob and returns its descriptor fields.
+fn blob_file(layout: &Path, file: &Path) -> Result<(String, usize)> {
+    let digest = sha256_file(file)?;
+    let size = std::fs::metadata(file)?.len() as usize;
+    let dir = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::rename(file, dir.join(&digest))?;
+    Ok((format!("sha256:{digest}"), size))
+}
+
+/// Takes an exclusive lock on `<dir>/.lock`, held until the returned file is
+/// dropped, while an image is built in `dir`: xtask runs sharing the cache
+/// (two suites started at once) build an image once, the later one waiting
+/// and then finding it built.
+fn lock(dir: &Path, what: &str) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        eprintln!("==> waiting for another xtask building {what} ({})", path.display());
+        // SAFETY: as above.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", path.display()));
+        }
     }
-    let work = out.with_file_name("work");
-    let _ = std::fs::remove_dir_all(&work);
-    let rootfs = work.join("rootfs");
-    hearth_e2e::agent::busybox_rootfs(&rootfs, guest_tool)?;
-    // The layer: a reproducible tar (fixed owner and times), gzipped.
-    let layer_tar = work.join("layer.tar");
-    sh::run(
-        Command::new("tar")
-            .args(["--sort=name", "--owner=0", "--group=0", "--numeric-owner", "--mtime=@0", "-C"])
-            .arg(&rootfs)
-            .arg("-cf")
-            .arg(&layer_tar)
-            .arg("."),
-    )?;
-    let diff_id = format!("sha256:{}", sha256(&std::fs::read(&layer_tar)?));
-    sh::run(Command::new("gzip").args(["-n", "-f"]).arg(&layer_tar))?;
-    let layer = std::fs::read(work.join("layer.tar.gz"))?;
+    Ok(file)
+}
+
+/// Makes `out`, an OCI image layout in a tar, of one layer (`layer_tar`, an
+/// uncompressed tar of the root filesystem, consumed) tagged `reference`,
+/// running `cmd` by default. `work` is scratch space.
+fn write_archive(work: &Path, layer_tar: &Path, reference: &str, cmd: &[&str], out: &Path) -> Result<()> {
+    let tag = reference.rsplit_once(':').map(|(_, t)| t).context("an image reference needs a tag")?;
+    let diff_id = format!("sha256:{}", sha256_file(layer_tar)?);
+    sh::run(Command::new("gzip").args(["-n", "-f"]).arg(layer_tar))?;
     let layout = work.join("layout");
-    let (layer_digest, layer_size) = blob(&layout, &layer)?;
+    let (layer_digest, layer_size) = blob_file(&layout, &layer_tar.with_extension("tar.gz"))?;
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"]},
+        "config": {"Env": [PATH_ENV], "Cmd": cmd},
         "rootfs": {"type": "layers", "diff_ids": [diff_id]}
     });
     let (config_digest, config_size) = blob(&layout, &serde_json::to_vec(&config)?)?;
@@ -75,15 +109,220 @@ pub fn ensure_busybox(guest_tool: &Path) -> Result<PathBuf> {
             "digest": manifest_digest,
             "size": manifest_size,
             "platform": {"architecture": "amd64", "os": "linux"},
-            "annotations": {"io.containerd.image.name": BUSYBOX_IMAGE, "org.opencontainers.image.ref.name": "latest"}
+            "annotations": {"io.containerd.image.name": reference, "org.opencontainers.image.ref.name": tag}
         }]
     });
     std::fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
     std::fs::write(layout.join("oci-layout"), br#"{"imageLayoutVersion": "1.0.0"}"#)?;
     let tmp = out.with_extension("tmp");
-    sh::run(Command::new("tar").arg("-C").arg(&layout).arg("-cf").arg(&tmp).arg("."))?;
-    std::fs::rename(&tmp, &out)?;
+    sh::run(
+        Command::new("tar")
+            .args(["--sort=name", "--owner=0", "--group=0", "--numeric-owner", "--mtime=@0", "-C"])
+            .arg(&layout)
+            .arg("-cf")
+            .arg(&tmp)
+            .arg("."),
+    )?;
+    std::fs::rename(&tmp, out)?;
+    Ok(())
+}
+
+/// The busybox image archive, cached by its inputs.
+pub fn ensure_busybox(guest_tool: &Path) -> Result<PathBuf> {
+    let busybox =
+        std::fs::read(crate::testhost::BUSYBOX).context("busybox-static is not installed: run `cargo xtask setup`")?;
+    let tool = std::fs::read(guest_tool)?;
+    let key = sh::key(&[b"busybox-image-v1", &busybox, &tool]);
+    let out = paths::cache().join("images").join(key).join("busybox-oci.tar");
+    if out.exists() {
+        return Ok(out);
+    }
+    let _lock = lock(out.parent().unwrap(), BUSYBOX_IMAGE)?;
+    if out.exists() {
+        return Ok(out);
+    }
+    let work = out.with_file_name("work");
+    let _ = std::fs::remove_dir_all(&work);
+    let rootfs = work.join("rootfs");
+    hearth_e2e::agent::busybox_rootfs(&rootfs, guest_tool)?;
+    // The layer: a reproducible tar (fixed owner and times).
+    let layer_tar = work.join("layer.tar");
+    sh::run(
+        Command::new("tar")
+            .args(["--sort=name", "--owner=0", "--group=0", "--numeric-owner", "--mtime=@0", "-C"])
+            .arg(&rootfs)
+            .arg("-cf")
+            .arg(&layer_tar)
+            .arg("."),
+    )?;
+    write_archive(&work, &layer_tar, BUSYBOX_IMAGE, &["sh"], &out)?;
     let _ = std::fs::remove_dir_all(&work);
     eprintln!("==> image {BUSYBOX_IMAGE}: {} ({} KiB)", out.display(), std::fs::metadata(&out)?.len() / 1024);
+    Ok(out)
+}
+
+/// A Debian image that mmdebstrap makes from deb.debian.org.
+pub struct Debian<'a> {
+    /// What the archive is tagged (`ctr images import` names it so).
+    pub reference: &'a str,
+    /// The suite: bookworm, trixie...
+    pub release: &'a str,
+    /// mmdebstrap's package set: minbase (Essential and Priority: required),
+    /// important, standard...
+    pub variant: &'a str,
+    /// More packages (`--include`), e.g. systemd for an image booting it.
+    pub include: &'a [&'a str],
+    /// The image's default command.
+    pub cmd: &'a [&'a str],
+}
+
+/// The test image: plain Debian 12 minbase, bash by default.
+pub const DEBIAN: Debian<'static> = Debian {
+    reference: hearth_e2e::DEBIAN_IMAGE,
+    release: "bookworm",
+    variant: "minbase",
+    include: &[],
+    cmd: &["/bin/bash"],
+};
+
+const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
+/// Bump when the recipe below changes in a way that changes the output.
+const DEBIAN_RECIPE: &str = "mmdebstrap root merged-usr slim no-dev v1";
+/// mmdebstrap makes the same tar from the same mirror contents when this is
+/// set: it clamps every mtime to it and removes unreproducible files.
+const SOURCE_DATE_EPOCH: &str = "1704067200";
+/// dpkg path filters, as Debian's -slim images have them; they stay in the
+/// image (/etc/dpkg/dpkg.cfg.d/99mmdebstrap) for packages installed later.
+const DPKG_PATHS: &[&str] = &[
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/groff/*",
+    "path-exclude=/usr/share/lintian/*",
+    "path-exclude=/usr/share/locale/*",
+];
+/// The runtime provides these: mmdebstrap copies the build host's.
+const CUSTOMIZE_HOOK: &str = r#"rm -f "$1/etc/resolv.conf" "$1/etc/hostname""#;
+
+/// A Debian image archive, cached by its recipe (release, variant, packages,
+/// tag, command); the mirror's later changes to the suite do not rebuild it.
+/// Needs root, mmdebstrap (`cargo xtask setup` installs it) and the mirror.
+pub fn ensure_debian(image: &Debian) -> Result<PathBuf> {
+    let mut include = image.include.to_vec();
+    include.sort_unstable();
+    include.dedup();
+    let key = sh::key(&[
+        DEBIAN_RECIPE.as_bytes(),
+        DEBIAN_MIRROR.as_bytes(),
+        image.release.as_bytes(),
+        image.variant.as_bytes(),
+        include.join(",").as_bytes(),
+        image.reference.as_bytes(),
+        image.cmd.join("\0").as_bytes(),
+    ]);
+    // docker.io/hearth/debian:bookworm -> debian-oci.tar
+    let name = image.reference.rsplit_once(':').map_or(image.reference, |(r, _)| r);
+    let name = name.rsplit('/').next().unwrap_or(name);
+    let out = paths::cache().join("images").join(key).join(format!("{name}-oci.tar"));
+    let cached = |out: &Path| {
+        let hit = out.exists();
+        if hit {
+            eprintln!("==> image {} (cached in {})", image.reference, out.display());
+        }
+        hit
+    };
+    if cached(&out) {
+        return Ok(out);
+    }
+    let _lock = lock(out.parent().unwrap(), image.reference)?;
+    if cached(&out) {
+        return Ok(out);
+    }
+    let work = out.with_file_name("work");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let layer_tar = work.join("layer.tar");
+    let log_path = work.join("mmdebstrap.log");
+
+    let packages = if include.is_empty() { String::new() } else { format!(" + {}", include.join(" ")) };
+    let mut progress = Progress::new(&format!(
+        "building {} (mmdebstrap {} {}{packages}, ~1 min)",
+        image.reference, image.release, image.variant
+    ));
+    let mut mm = Command::new("mmdebstrap");
+    mm.arg("--verbose")
+        .arg(format!("--variant={}", image.variant))
+        .args(["--mode=root", "--format=tar"])
+        // Merged /usr by symlinks, without the usrmerge package (and the perl it pulls in).
+        .arg("--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr")
+        .arg(r#"--aptopt=Acquire::Languages "none""#)
+        .args(DPKG_PATHS.iter().map(|p| format!("--dpkgopt={p}")))
+        .arg(format!("--customize-hook={CUSTOMIZE_HOOK}"));
+    if !include.is_empty() {
+        mm.arg(format!("--include={}", include.join(",")));
+    }
+    mm.args([image.release, "-", DEBIAN_MIRROR])
+        .env("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = mm.spawn().context("starting mmdebstrap (is it installed? `cargo xtask setup` installs it)")?;
+    // mmdebstrap's tar starts with device nodes for /dev; the runtime mounts
+    // its own /dev, so the image keeps only the empty directory.
+    let mut filter = Command::new("mmtarfilter")
+        .arg("--path-exclude=/dev/*")
+        .stdin(child.stdout.take().unwrap())
+        .stdout(std::fs::File::create(&layer_tar)?)
+        .spawn()
+        .context("starting mmtarfilter")?;
+    // Its log: every line a progress tick; all of it to a file, the last
+    // lines shown if it fails.
+    let mut log = std::io::BufWriter::new(std::fs::File::create(&log_path)?);
+    let mut tail = VecDeque::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).split(b'\n') {
+        let line = String::from_utf8_lossy(&line?).trim_end().to_string();
+        writeln!(log, "{line}")?;
+        progress.tick(&line);
+        if tail.len() == 40 {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    }
+    log.flush()?;
+    let status = child.wait()?;
+    let filtered = filter.wait()?;
+    if !status.success() || !filtered.success() {
+        progress.finish("failed; its last lines:");
+        for line in &tail {
+            eprintln!("    {line}");
+        }
+        bail!(
+            "mmdebstrap ({status}) | mmtarfilter ({filtered}) failed building {}; its log: {}",
+            image.reference,
+            log_path.display()
+        );
+    }
+    let rootfs_bytes = std::fs::metadata(&layer_tar)?.len();
+    progress.tick("compressing the layer");
+    write_archive(&work, &layer_tar, image.reference, image.cmd, &out)?;
+    let archive_bytes = std::fs::metadata(&out)?.len();
+    let took =
+        progress.finish(&format!("{} MiB root filesystem, {} MiB archive", rootfs_bytes >> 20, archive_bytes >> 20));
+    std::fs::write(
+        out.with_file_name("build-info.txt"),
+        format!(
+            "reference: {}\nrelease: {}\nvariant: {}\ninclude: {}\ncmd: {:?}\nmirror: {DEBIAN_MIRROR}\nrecipe: {DEBIAN_RECIPE}\n\
+             build seconds: {}\nrootfs tar bytes: {rootfs_bytes}\narchive bytes: {archive_bytes}\n",
+            image.reference,
+            image.release,
+            image.variant,
+            include.join(" "),
+            image.cmd,
+            took.as_secs(),
+        ),
+    )?;
+    let _ = std::fs::remove_dir_all(&work);
+    eprintln!("==> image {}: {}", image.reference, out.display());
     Ok(out)
 }

@@ -29,6 +29,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("libseccomp-dev", "building virtiofsd, and libseccomp.a for the static hearth-agent"),
     ("libcap-ng-dev", "building virtiofsd"),
     ("iproute2", "taps for virtio-net in the e2e suites"),
+    ("mmdebstrap", "the Debian test image (docker.io/hearth/debian), made as root from deb.debian.org"),
 ];
 
 fn missing_packages() -> Vec<&'static str> {
@@ -97,6 +98,8 @@ pub fn run() -> Result<()> {
     // HEARTH_TESTHOST=always asks for it anywhere: prepare it always (cheap).
     testhost::ensure_assets()?;
     crate::fuzz::ensure_tools()?;
+    // The Debian image downloads from the mirror: here, not at test time.
+    crate::images::ensure_debian(&crate::images::DEBIAN)?;
     sh::run(cmd("cargo").args(["build", "--release", "--workspace"]).current_dir(paths::workspace()))?;
     eprintln!("==> setup complete; e2e suites will run {}", testhost::describe(testhost::place()));
     Ok(())
