@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use hearth_e2e::containerd::{pids_matching, tail, text, wait_until, Containerd, IMAGE, RUNTIME};
-use hearth_e2e::{Env, Scratch};
+use hearth_e2e::{Env, Scratch, DEBIAN_IMAGE};
 
 #[test]
 fn containers_through_containerd() {
@@ -22,6 +22,26 @@ fn containers_through_containerd() {
     let o = c.run("hello", &[], &["sh", "-c", "echo hello from $(uname -r); exit 3"]);
     assert_eq!(o.status.code(), Some(3), "{}\n--- containerd ---\n{}", text(&o), tail(&c.log_text(), 60));
     assert_eq!(String::from_utf8_lossy(&o.stdout), format!("hello from {}\n", env.kernel_release));
+    // A Debian image, built locally with mmdebstrap: its own userland (bash,
+    // dpkg, apt) in the same VM.
+    c.ok(&["images", "import", &env.debian_image.display().to_string()]);
+    let o = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        DEBIAN_IMAGE,
+        "debian",
+        "bash",
+        "-c",
+        ". /etc/os-release; echo $ID $VERSION_CODENAME $(uname -r); dpkg-query -W -f='${Status}\\n' apt",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        format!("debian bookworm {}\ninstall ok installed\n", env.kernel_release),
+        "{}",
+        text(&o)
+    );
     // `ctr task kill`: the attached `ctr run` ends with 128 + the signal.
     let mut attached = Command::new("ctr")
         .arg("--address")
