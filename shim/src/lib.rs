@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod io;
+pub mod logging;
 pub mod shim;
 pub mod task;
 pub mod vm;

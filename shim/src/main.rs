@@ -7,6 +7,11 @@ use std::os::fd::{AsRawFd, FromRawFd};
 const RUNTIME: &str = "io.containerd.hearth.v2";
 
 fn main() {
+    // A panic anywhere in the shim goes to containerd's log (the shim's
+    // stderr is /dev/null), not nowhere.
+    std::panic::set_hook(Box::new(|info| {
+        log::error!("containerd-shim-hearth-v2 panicked: {info}\n{}", std::backtrace::Backtrace::force_capture());
+    }));
     if !std::env::args().skip(1).any(|a| a == "start") {
         containerd_shim::run::<containerd_shim_hearth_v2::shim::HearthShim>(RUNTIME, None);
         return;

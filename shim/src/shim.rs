@@ -19,6 +19,7 @@ pub struct HearthShim {
     id: String,
     cfg: Config,
     cfg_error: Option<String>,
+    debug: bool,
 }
 
 /// The group a container's shim belongs to: one VM per group.
@@ -65,7 +66,8 @@ impl containerd_shim::Shim for HearthShim {
             Ok(c) => (c, None),
             Err(e) => (Config::default(), Some(format!("{e:#}"))),
         };
-        config.default_log_level = cfg.log_level.clone();
+        // Our own logger (logging.rs), installed when serving.
+        config.no_setup_logger = true;
         HearthShim {
             exit: Arc::new(ExitSignal::default()),
             socket: args.socket.clone(),
@@ -73,6 +75,7 @@ impl containerd_shim::Shim for HearthShim {
             id: args.id.clone(),
             cfg,
             cfg_error,
+            debug: args.debug,
         }
     }
 
@@ -128,6 +131,7 @@ impl containerd_shim::Shim for HearthShim {
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        crate::logging::init(&self.cfg.log_level, self.debug);
         Service::new(
             self.cfg.clone(),
             self.cfg_error.clone(),

@@ -546,6 +546,8 @@ impl Task for Service {
             internal(e)
         })?;
         self.containers().insert(req.id.clone(), c);
+        // containerd reads this container's log FIFO now (logging.rs).
+        crate::logging::attach(&Path::new(&req.bundle).join("log"));
         self.publish(
             TASK_CREATE_EVENT_TOPIC,
             Box::new(TaskCreate {
@@ -731,6 +733,12 @@ impl Task for Service {
             });
         }
         let c = self.containers().remove(&req.id).ok_or_else(|| not_found(format!("no container {}", req.id)))?;
+        // Its log FIFO goes with its bundle: log through another container's.
+        if crate::logging::current().is_some_and(|p| p.starts_with(&c.bundle)) {
+            if let Some(other) = self.containers().values().next() {
+                crate::logging::attach(&Path::new(&other.bundle).join("log"));
+            }
+        }
         if let Ok(vm) = self.vm() {
             let d = pb::DeleteContainerRequest { container_id: req.id.clone(), force: true, ..Default::default() };
             if let Err(e) = vm.agent.delete_container(ctx(60), &d) {
@@ -859,6 +867,7 @@ impl Task for Service {
     }
 
     fn shutdown(&self, _: &TtrpcContext, req: ShutdownRequest) -> TtrpcResult<Empty> {
+        log::debug!("shutdown requested (now: {}, containers: {})", req.now, self.containers().len());
         if self.containers().is_empty() {
             self.idle_shutdown(req.now);
         }
