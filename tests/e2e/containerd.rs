@@ -22,9 +22,15 @@ fn containers_through_containerd() {
     let o = c.run("hello", &[], &["sh", "-c", "echo hello from $(uname -r); exit 3"]);
     assert_eq!(o.status.code(), Some(3), "{}\n--- containerd ---\n{}", text(&o), tail(&c.log_text(), 60));
     assert_eq!(String::from_utf8_lossy(&o.stdout), format!("hello from {}\n", env.kernel_release));
-    // A Debian image, built locally with mmdebstrap: its own userland (bash,
-    // dpkg, apt) in the same VM.
+    // The VM idles out with the shim; the next container starts both again.
+    // That shim outlives its first container, whose log FIFO containerd then
+    // stops reading: it must keep serving (its log moves on, never blocks).
     c.ok(&["images", "import", &env.debian_image.display().to_string()]);
+    wait_until("the first shim idled out", Duration::from_secs(120), || {
+        pids_matching("containerd-shim-hearth-v2", &c.socket.display().to_string()).is_empty()
+    });
+    // A Debian image, built locally with mmdebstrap: its own userland (bash,
+    // dpkg, apt).
     let o = c.ctr(&[
         "run",
         "--rm",

@@ -116,8 +116,35 @@ impl Containerd {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// `ctr` with these arguments, killed (and the test failed, with
+    /// containerd's log) if it has not ended after five minutes.
     pub fn ctr(&self, args: &[&str]) -> Output {
-        Command::new("ctr").arg("--address").arg(&self.socket).args(args).stdin(Stdio::null()).output().unwrap()
+        use std::io::Read;
+        let mut child = Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting ctr (installed by `cargo xtask setup`)");
+        let mut out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let out_t = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = out.read_to_end(&mut v);
+            v
+        });
+        let err_t = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = err.read_to_end(&mut v);
+            v
+        });
+        let code = crate::wait_timeout(&mut child, Duration::from_secs(300));
+        assert!(code.is_some(), "ctr {args:?} hung (killed after 300 s)");
+        let status = child.wait().unwrap();
+        Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }
     }
 
     /// `ctr` that must succeed; its stdout.
@@ -150,6 +177,55 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What containerd and the shims said (the shim logs through
+            // containerd), for whatever the failed assertion did not show.
+            let log: Vec<String> =
+                self.log_text().lines().filter(|l| !l.contains("loading plugin")).map(String::from).collect();
+            eprintln!("--- containerd (last 150 lines) ---\n{}", tail(&log.join("\n"), 150));
+            // Where each shim's threads are blocked, and what it holds open.
+            for pid in pids_matching("containerd-shim-hearth-v2", &self.socket.display().to_string()) {
+                let mut threads = Vec::new();
+                for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+                    let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+                    threads.push(format!("{} {}", read("comm").trim(), read("wchan").trim()));
+                }
+                let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| {
+                        format!(
+                            "{}->{}",
+                            e.file_name().to_string_lossy(),
+                            std::fs::read_link(e.path()).map(|p| p.display().to_string()).unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                eprintln!("--- shim {pid}: threads (comm wchan) {threads:?}\n    fds {fds:?}");
+                // Their stacks, where gdb is installed.
+                if let Ok(o) = Command::new("gdb")
+                    .args(["-batch", "-p", &pid.to_string(), "-ex", "thread apply all bt 25"])
+                    .stdin(Stdio::null())
+                    .output()
+                {
+                    let bt = String::from_utf8_lossy(&o.stdout);
+                    // The threads, and their frames in our code or at a
+                    // blocking point: enough to see what waits for what.
+                    let keep = ["shim/src", "wait_pid", "libc_write", "mount_linux", "handle_signals", "logger"];
+                    let frames: Vec<&str> = bt
+                        .lines()
+                        .filter(|l| l.starts_with("Thread") || keep.iter().any(|k| l.contains(k)))
+                        .map(|l| l.get(..200).unwrap_or(l))
+                        .collect();
+                    eprintln!("{}", frames.join("\n"));
+                }
+            }
+            for dir in std::fs::read_dir(&self.vms).into_iter().flatten().flatten() {
+                let console = std::fs::read_to_string(dir.path().join("console.log")).unwrap_or_default();
+                eprintln!("--- {} console (last 40 lines) ---\n{}", dir.path().display(), tail(&console, 40));
+            }
+        }
         for pid in self.vmm_pids() {
             // SAFETY: kill(2) on a VMM this containerd's shim started.
             unsafe { libc::kill(pid, libc::SIGKILL) };
