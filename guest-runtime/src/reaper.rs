@@ -53,6 +53,15 @@ impl Reaper {
         self.hold.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The hold, if nobody has it: for work that can wait a round.
+    pub fn try_hold(&self) -> Option<MutexGuard<'_, ()>> {
+        match self.hold.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// Remembers `pid`'s exit when it comes. Call with the hold taken, before
     /// the process could have been reaped.
     pub fn track(&self, pid: i32) {

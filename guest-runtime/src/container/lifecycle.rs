@@ -495,9 +495,15 @@ impl Containers {
     }
 
     fn check_oom(&self) {
+        // Not while libcontainer clones: its child runs Rust code before
+        // exec, and a lock (the allocator's) that this thread held at that
+        // instant would stay held in the child for ever. Skip the round
+        // instead of waiting; and skip busy containers (an exec holds its
+        // container's lock while it takes the hold).
+        let Some(_hold) = self.reaper.try_hold() else { return };
         let all: Vec<_> = lock(&self.table).values().cloned().collect();
         for c in all {
-            let mut c = lock(&c);
+            let Ok(mut c) = c.try_lock() else { continue };
             let kills = c.cgroup.oom_counts().1;
             self.note_oom_kills(&mut c, kills);
         }
