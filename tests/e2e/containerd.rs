@@ -56,9 +56,7 @@ fn containers_through_containerd() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    wait_until("container killed running", Duration::from_secs(60), || {
-        c.ok(&["task", "ls"]).lines().any(|l| l.starts_with("killed ") && l.contains("RUNNING"))
-    });
+    wait_until("container killed running", Duration::from_secs(60), || running(&c, "killed"));
     c.ok(&["task", "kill", "-s", "SIGKILL", "killed"]);
     assert_eq!(hearth_e2e::wait_timeout(&mut attached, Duration::from_secs(60)), Some(137));
 
@@ -85,9 +83,7 @@ fn containers_through_containerd() {
     let metrics = c.ok(&["task", "metrics", "one"]);
     assert!(metrics.contains("memory") && metrics.contains("pids"), "metrics: {metrics}");
     c.ok(&["task", "kill", "-s", "SIGKILL", "two"]);
-    wait_until("container two stopped after SIGKILL", Duration::from_secs(60), || {
-        c.ok(&["task", "ls"]).lines().any(|l| l.starts_with("two ") && l.contains("STOPPED"))
-    });
+    wait_until("container two stopped after SIGKILL", Duration::from_secs(60), || stopped(&c, "two"));
     c.ok(&["task", "rm", "two"]);
     c.ok(&["containers", "rm", "two"]);
 
@@ -126,9 +122,7 @@ fn containers_through_containerd() {
     assert_eq!(vmm.len(), 1);
     // SAFETY: kill(2) on a pid we just found.
     unsafe { libc::kill(vmm[0], libc::SIGKILL) };
-    wait_until("container one reported stopped after its VM died", Duration::from_secs(60), || {
-        c.ok(&["task", "ls"]).lines().any(|l| l.starts_with("one ") && l.contains("STOPPED"))
-    });
+    wait_until("container one reported stopped after its VM died", Duration::from_secs(60), || stopped(&c, "one"));
     c.ok(&["task", "rm", "one"]);
     c.ok(&["containers", "rm", "one"]);
     wait_until("the crashed VM's virtiofsd ended", Duration::from_secs(30), || {

@@ -115,16 +115,22 @@ fn write_archive(work: &Path, layer_tar: &Path, reference: &str, cmd: &[&str], o
     std::fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
     std::fs::write(layout.join("oci-layout"), br#"{"imageLayoutVersion": "1.0.0"}"#)?;
     let tmp = out.with_extension("tmp");
+    reproducible_tar(&layout, &tmp)?;
+    std::fs::rename(&tmp, out)?;
+    Ok(())
+}
+
+/// Tars `dir`'s contents into `out` the same way every time: sorted names,
+/// owner 0, mtime 0.
+fn reproducible_tar(dir: &Path, out: &Path) -> Result<()> {
     sh::run(
         Command::new("tar")
             .args(["--sort=name", "--owner=0", "--group=0", "--numeric-owner", "--mtime=@0", "-C"])
-            .arg(&layout)
+            .arg(dir)
             .arg("-cf")
-            .arg(&tmp)
+            .arg(out)
             .arg("."),
-    )?;
-    std::fs::rename(&tmp, out)?;
-    Ok(())
+    )
 }
 
 /// The busybox image archive, cached by its inputs.
@@ -147,14 +153,7 @@ pub fn ensure_busybox(guest_tool: &Path) -> Result<PathBuf> {
     hearth_e2e::agent::busybox_rootfs(&rootfs, guest_tool)?;
     // The layer: a reproducible tar (fixed owner and times).
     let layer_tar = work.join("layer.tar");
-    sh::run(
-        Command::new("tar")
-            .args(["--sort=name", "--owner=0", "--group=0", "--numeric-owner", "--mtime=@0", "-C"])
-            .arg(&rootfs)
-            .arg("-cf")
-            .arg(&layer_tar)
-            .arg("."),
-    )?;
+    reproducible_tar(&rootfs, &layer_tar)?;
     write_archive(&work, &layer_tar, BUSYBOX_IMAGE, &["sh"], &out)?;
     let _ = std::fs::remove_dir_all(&work);
     eprintln!("==> image {BUSYBOX_IMAGE}: {} ({} KiB)", out.display(), std::fs::metadata(&out)?.len() / 1024);
