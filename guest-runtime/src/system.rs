@@ -11,6 +11,7 @@ use crate::error::{AgentError, Result};
 
 pub fn health(mode: &str) -> HealthResponse {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default().trim().to_string();
+    let meminfo = read("/proc/meminfo");
     let uptime = read("/proc/uptime").split_whitespace().next().and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
     HealthResponse {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -20,8 +21,21 @@ pub fn health(mode: &str) -> HealthResponse {
             .unwrap_or_default(),
         uptime_millis: (uptime * 1000.0) as u64,
         mode: mode.into(),
+        memory_total_bytes: meminfo_bytes(&meminfo, "MemTotal"),
+        memory_available_bytes: meminfo_bytes(&meminfo, "MemAvailable"),
+        cpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(0),
         ..Default::default()
     }
+}
+
+/// A `Key:   N kB` line of /proc/meminfo, in bytes.
+fn meminfo_bytes(meminfo: &str, key: &str) -> u64 {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
 }
 
 /// Sets the guest's wall clock (the VM has no battery-backed clock the agent
@@ -120,5 +134,15 @@ mod tests {
         assert_eq!(h.boot_id.len(), 36);
         assert!(!h.kernel_release.is_empty());
         assert_eq!(h.mode, "native");
+        assert!(h.memory_total_bytes >= h.memory_available_bytes && h.memory_available_bytes > 0, "{h:?}");
+        assert!(h.cpus >= 1);
+    }
+
+    #[test]
+    fn meminfo_lines_in_bytes() {
+        let m = "MemTotal:        1004536 kB\nMemFree:          900000 kB\nMemAvailable:     950000 kB\n";
+        assert_eq!(meminfo_bytes(m, "MemTotal"), 1004536 * 1024);
+        assert_eq!(meminfo_bytes(m, "MemAvailable"), 950000 * 1024);
+        assert_eq!(meminfo_bytes(m, "Missing"), 0);
     }
 }
