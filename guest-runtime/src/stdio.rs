@@ -13,6 +13,7 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -70,6 +71,9 @@ pub struct StdioSession {
     output_done: Vec<mpsc::Receiver<()>>,
     pending_terminal: Option<PendingTerminal>,
     threads: Vec<JoinHandle<()>>,
+    /// Set once the process has exited (or the session is dropped): the
+    /// end of a terminal's output (see copy_pty_out).
+    exited: Arc<AtomicBool>,
 }
 
 struct PendingTerminal {
@@ -97,6 +101,7 @@ impl StdioSession {
             output_done: Vec::new(),
             pending_terminal: None,
             threads: Vec::new(),
+            exited: Arc::new(AtomicBool::new(false)),
         };
         if req.terminal {
             if req.stdin_port != 0 || req.stderr_port != 0 || req.stdout_port == 0 {
@@ -164,13 +169,13 @@ impl StdioSession {
         // Input: caller -> PTY master.
         let sink = Arc::new(Mutex::new(Some(master_in)));
         self.threads.push(std::thread::spawn(move || copy_into_shared(input, sink)));
-        // Output: PTY master -> caller. Reading the master fails with EIO
-        // once every slave is closed: that is the end of output.
+        // Output: PTY master -> caller, until the process has exited.
         let pty = self.pty.clone();
+        let exited = self.exited.clone();
         self.threads.push(std::thread::spawn(move || {
             let reader = pty.lock().unwrap().as_ref().and_then(|m| m.try_clone().ok());
             if let Some(r) = reader {
-                copy_out(r, &out_stream);
+                copy_pty_out(r, &out_stream, &exited);
             }
             let _ = out_stream.shutdown(Shutdown::Both);
             let _ = tx.send(());
@@ -206,6 +211,11 @@ impl StdioSession {
         Ok(())
     }
 
+    /// The process has exited: a terminal's output ends once drained.
+    pub fn process_exited(&self) {
+        self.exited.store(true, Ordering::Release);
+    }
+
     /// Waits until the output has been delivered, at most `grace`: a
     /// daemonised grandchild may hold the pipe open for ever.
     pub fn drain(&mut self, grace: Duration) {
@@ -219,6 +229,7 @@ impl StdioSession {
 
 impl Drop for StdioSession {
     fn drop(&mut self) {
+        self.process_exited();
         self.abandon();
         self.pty.lock().unwrap().take();
     }
@@ -255,6 +266,30 @@ fn copy_out(mut from: File, mut to: &UnixStream) {
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => break, // EIO from a PTY master whose slave is gone
+        }
+    }
+}
+
+/// Copies a PTY's output. Reading the master fails with EIO whenever no
+/// slave is open, which is the end of the output for a shell, but not for
+/// an init like systemd, which opens /dev/console for each message and
+/// closes it in between: so EIO ends the copy only once the process has
+/// exited, and otherwise the copy waits for the next writer.
+fn copy_pty_out(mut from: File, mut to: &UnixStream, exited: &AtomicBool) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.raw_os_error() == Some(libc::EIO) && !exited.load(Ordering::Acquire) => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(_) => break,
         }
     }
 }

@@ -72,6 +72,43 @@ impl Cgroup {
         Ok(pids.into_iter().map(|p| p.as_raw() as u32).collect())
     }
 
+    /// Where a process exec'd into the container goes, relative to the
+    /// container's cgroup: where its init is. That is the container's own
+    /// cgroup (None), unless the init moved below it: systemd as init moves
+    /// itself to init.scope and then enables controllers for the cgroups
+    /// below, after which cgroup v2 refuses processes in the container's own
+    /// (EBUSY). runc and crun join the init's cgroup the same way.
+    pub fn exec_sub_cgroup(&self, init_pid: i32) -> Option<String> {
+        if !matches!(common::get_cgroup_setup(), Ok(CgroupSetup::Unified)) {
+            return None;
+        }
+        let table = std::fs::read_to_string(format!("/proc/{init_pid}/cgroup")).ok()?;
+        let init = table.lines().find_map(|l| l.strip_prefix("0::"))?;
+        let rel = Path::new(init).strip_prefix(&self.path).ok()?;
+        (!rel.as_os_str().is_empty()).then(|| rel.display().to_string())
+    }
+
+    /// Removes the cgroups a container made below its own (systemd as its
+    /// init makes init.scope, system.slice...), deepest first, so that its
+    /// own can be removed: cgroup v2 removes only empty leaves. Call once
+    /// no process is left.
+    pub fn remove_descendants(&self) {
+        fn remove_below(dir: &Path) {
+            let Ok(entries) = std::fs::read_dir(dir) else { return };
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove_below(&e.path());
+                    if let Err(err) = std::fs::remove_dir(e.path()) {
+                        tracing::warn!("removing cgroup {}: {err}", e.path().display());
+                    }
+                }
+            }
+        }
+        if let Ok(CgroupSetup::Unified) = common::get_cgroup_setup() {
+            remove_below(&self.dir(""));
+        }
+    }
+
     pub fn update(&self, resources: &LinuxResources) -> Result<()> {
         let opt = ControllerOpt { resources, disable_oom_killer: false, oom_score_adj: None, freezer_state: None };
         self.manager()?.apply(&opt).map_err(|e| AgentError::internal("updating the cgroup's resources", e))

@@ -17,8 +17,7 @@ use hearth_agent_protocol::agent::{
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::{Container as LcContainer, ContainerStatus};
 use libcontainer::syscall::syscall::SyscallType;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use oci_spec::runtime::LinuxResources;
 
 use super::bundle::{self, Bundle};
@@ -281,10 +280,12 @@ impl Containers {
         let (mut session, ends) =
             StdioSession::open(&self.cfg.dialer, &stdio, &self.scratch(), &format!("{id}-{exec_id}"))
                 .map_err(|e| AgentError::InvalidArgument(format!("connecting stdio of {id:?}/{exec_id:?}: {e}")))?;
+        let sub_cgroup = c.cgroup.exec_sub_cgroup(c.init.pid);
         let built = {
             let hold = self.reaper.hold();
             let built = self.builder(id, ends).and_then(|b| {
                 b.as_tenant()
+                    .with_sub_cgroup(sub_cgroup)
                     .with_detach(true)
                     .with_process(Some(&process_file))
                     .build()
@@ -313,18 +314,34 @@ impl Containers {
     }
 
     pub fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
-        let sig = Signal::try_from(signal as i32)
-            .map_err(|_| AgentError::InvalidArgument(format!("{signal} is not a signal number")))?;
+        // Real-time signals too (systemd stops cleanly on SIGRTMIN+3), which
+        // nix's Signal does not name.
+        let max = libc::SIGRTMAX() as u32;
+        if signal == 0 || signal > max {
+            return Err(AgentError::InvalidArgument(format!("{signal} is not a signal number (1 to {max})")));
+        }
         let c = self.get(id)?;
         let mut c = lock(&c);
         if all && exec_id.is_empty() {
-            return c.lc.kill(sig, true).map_err(|e| lc_error("signalling", id, e));
+            return match Signal::try_from(signal as i32) {
+                Ok(sig) => c.lc.kill(sig, true).map_err(|e| lc_error("signalling", id, e)),
+                Err(_) => {
+                    for pid in c.cgroup.pids()? {
+                        // SAFETY: kill(2); a process that ended meanwhile is ESRCH, ignored.
+                        unsafe { libc::kill(pid as i32, signal as i32) };
+                    }
+                    Ok(())
+                }
+            };
         }
         let pid = c.process(exec_id)?.pid;
         if self.reaper.exit_of(pid).is_some() || c.process(exec_id)?.exit.is_some() {
             return Err(AgentError::NotFound(format!("process {exec_id:?} of container {id:?} has already exited")));
         }
-        kill(Pid::from_raw(pid), sig).map_err(|e| match e {
+        // SAFETY: kill(2) of a process this agent started and has not reaped.
+        let sent = unsafe { libc::kill(pid, signal as i32) };
+        let sent = if sent == 0 { Ok(()) } else { Err(nix::errno::Errno::last()) };
+        sent.map_err(|e| match e {
             nix::errno::Errno::ESRCH => {
                 AgentError::NotFound(format!("process {exec_id:?} of container {id:?} has already exited"))
             }
@@ -346,6 +363,7 @@ impl Containers {
             .reaper
             .wait(pid, None)
             .ok_or_else(|| AgentError::Internal(format!("process {pid} of container {id:?} is not tracked")))?;
+        lock(&stdio).process_exited();
         lock(&stdio).drain(OUTPUT_GRACE);
         let c = self.get(id)?;
         let mut c = lock(&c);
@@ -385,6 +403,7 @@ impl Containers {
         while c.cgroup.pids().is_ok_and(|p| !p.is_empty()) && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
+        c.cgroup.remove_descendants();
         if let Err(first) = c.lc.delete(true) {
             std::thread::sleep(Duration::from_millis(500));
             c.lc.delete(true).map_err(|e| lc_error("deleting", id, format!("{e} (first attempt: {first})")))?;
