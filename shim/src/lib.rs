@@ -6,11 +6,13 @@
 //! - [`task`]: the Task service: containers, processes, events, idle shutdown;
 //! - [`vm`]: booting hearth-vmm, the shared virtio-fs directory, VM exit;
 //! - [`io`]: containerd's FIFOs to and from the agent's stdio streams;
-//! - [`config`] reads `/etc/hearth/config.toml`.
+//! - [`config`] reads `/etc/hearth/config.toml`;
+//! - [`record`]: the running VM's record (`vm.json`) for `hearth status`.
 
 pub mod config;
 pub mod io;
 pub mod logging;
+pub mod record;
 pub mod shim;
 pub mod task;
 pub mod vm;

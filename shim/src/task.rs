@@ -229,6 +229,22 @@ impl Service {
         *self.0.dead_reason.lock().unwrap() = None;
         let vm = Vm::boot(&cfg, &dir, move |code, console| me.vm_ended(code, console))
             .map_err(|e| status(sttrpc::Code::UNAVAILABLE, format!("booting the utility VM: {e:#}")))?;
+        let record = crate::record::VmRecord {
+            namespace: self.0.namespace.clone(),
+            shim_pid: std::process::id(),
+            shim_address: self.0.socket.clone(),
+            vmm_pid: vm.vmm_pid,
+            boot_id: vm.boot_id.clone(),
+            booted_at: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs(),
+            memory_mib: cfg.memory_mib,
+            vcpus: cfg.vcpus,
+            kernel: cfg.kernel.clone(),
+            vsock: vm.vsock.clone(),
+            console: vm.dir.join("console.log"),
+        };
+        if let Err(e) = record.write(&vm.dir) {
+            log::warn!("writing the VM's record in {}: {e:#}", vm.dir.display());
+        }
         let vm = Arc::new(vm);
         *slot = Some(vm.clone());
         self.watch_oom(vm.clone());
@@ -422,8 +438,7 @@ impl Service {
                 Some(p) => bundle.join(p),
                 None => host_root.clone(),
             };
-            let share_dir = vm.shared.join(&req.id);
-            let share_root = share_dir.join("rootfs");
+            let share_root = vm.roots.join(&req.id).join("rootfs");
             Self::bind(&root, &share_root, true)?;
             mounts.push(share_root);
             for b in hearth_oci::translate::for_guest(&mut spec, &req.id, Path::new(vm::GUEST_SHARED)) {
@@ -438,7 +453,7 @@ impl Service {
                 terminal: req.terminal,
             };
             let (stdio, pending) = io::prepare(&vm.vsock, &paths)?;
-            let guest_root = Path::new(vm::GUEST_SHARED).join(&req.id).join("rootfs");
+            let guest_root = Path::new(vm::GUEST_ROOTS).join(&req.id).join("rootfs");
             let create = pb::CreateContainerRequest {
                 container_id: req.id.clone(),
                 spec_json: serde_json::to_vec(&spec)?,
@@ -464,7 +479,7 @@ impl Service {
             )),
             Err(e) => {
                 Self::undo_mounts(&mounts);
-                let _ = std::fs::remove_dir_all(vm.shared.join(&req.id));
+                vm.forget_dirs(&req.id);
                 Err(e)
             }
         }
@@ -745,7 +760,7 @@ impl Task for Service {
                 log::warn!("deleting {} in the VM: {e:?}", req.id);
             }
             Self::undo_mounts(&c.mounts);
-            let _ = std::fs::remove_dir_all(vm.shared.join(&req.id));
+            vm.forget_dirs(&req.id);
         } else {
             Self::undo_mounts(&c.mounts);
         }

@@ -1,8 +1,14 @@
 //! The utility VM as the shim sees it: hearth-vmm booted on first use with the
-//! agent initramfs, a vsock socket to reach the agent, and one shared
-//! directory exported over virtio-fs into which container root filesystems and
-//! bind mounts are bind-mounted (virtio-fs devices cannot be added to a
-//! running VM, so one share carries every container's files).
+//! agent initramfs, a vsock socket to reach the agent, and two directories
+//! exported over virtio-fs (virtio-fs devices cannot be added to a running
+//! VM, so each carries every container's files, bind-mounted into it):
+//!
+//! - `roots`: container root filesystems, cached by the guest without
+//!   revalidation (`cache=always`): only the container changes its root, and
+//!   every lookup saved is a round trip to virtiofsd saved (a distro's boot
+//!   makes tens of thousands);
+//! - `shared`: bind-mount sources, host directories the host may change
+//!   under the guest, cached with revalidation (`cache=auto`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -20,10 +26,14 @@ use crate::config::Config;
 /// Where the shared directory appears in the guest.
 pub const GUEST_SHARED: &str = "/run/hearth/shared";
 const SHARE_TAG: &str = "hearth";
+/// Where the root filesystems' directory appears in the guest.
+pub const GUEST_ROOTS: &str = "/run/hearth/roots";
+const ROOTS_TAG: &str = "hearth-roots";
 
 pub struct Vm {
     pub dir: PathBuf,
     pub shared: PathBuf,
+    pub roots: PathBuf,
     pub vsock: PathBuf,
     pub agent: AgentClient,
     pub vmm_pid: i32,
@@ -42,13 +52,16 @@ impl Vm {
         cfg.check()?;
         std::fs::create_dir_all(dir)?;
         let shared = dir.join("shared");
-        std::fs::create_dir_all(&shared)?;
-        // A shared mount, so that bind mounts made under it later reach
-        // virtiofsd's own mount namespace.
-        mount(Some(&shared), &shared, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .context("binding the shared dir")?;
-        mount(None::<&str>, &shared, None::<&str>, MsFlags::MS_SHARED, None::<&str>)
-            .context("making the shared dir a shared mount")?;
+        let roots = dir.join("roots");
+        for d in [&shared, &roots] {
+            std::fs::create_dir_all(d)?;
+            // A shared mount, so that bind mounts made under it later reach
+            // virtiofsd's own mount namespace.
+            mount(Some(d), d, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+                .with_context(|| format!("binding {}", d.display()))?;
+            mount(None::<&str>, d, None::<&str>, MsFlags::MS_SHARED, None::<&str>)
+                .with_context(|| format!("making {} a shared mount", d.display()))?;
+        }
         let vsock = dir.join("vsock.sock");
         let console = dir.join("console.log");
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
@@ -68,6 +81,8 @@ impl Vm {
             .arg(format!("cid=3,socket={}", vsock.display()))
             .arg("--fs")
             .arg(format!("tag={SHARE_TAG},dir={}", shared.display()))
+            .arg("--fs")
+            .arg(format!("tag={ROOTS_TAG},dir={},cache=always", roots.display()))
             .arg("--balloon")
             .args(["--cmdline", cmdline.trim()])
             .stdin(Stdio::null())
@@ -96,17 +111,19 @@ impl Vm {
                 bail!("the utility VM's agent did not answer: {e}\n--- console ---\n{}", tail(&console, 30));
             }
         };
-        let mount_req = MountRequest {
-            source: SHARE_TAG.into(),
-            fstype: "virtiofs".into(),
-            target: GUEST_SHARED.into(),
-            ..Default::default()
-        };
-        agent.mount(ctx(60), &mount_req).context("mounting the shared directory in the guest")?;
+        for (tag, target) in [(SHARE_TAG, GUEST_SHARED), (ROOTS_TAG, GUEST_ROOTS)] {
+            let mount_req = MountRequest {
+                source: tag.into(),
+                fstype: "virtiofs".into(),
+                target: target.into(),
+                ..Default::default()
+            };
+            agent.mount(ctx(60), &mount_req).with_context(|| format!("mounting {target} in the guest"))?;
+        }
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
         let _ = agent.sync_time(ctx(10), &SyncTimeRequest { unix_nanos: nanos, ..Default::default() });
         let boot_id = agent.health(ctx(10), &Empty::new())?.boot_id;
-        Ok(Vm { dir: dir.to_path_buf(), shared, vsock, agent, vmm_pid: pid, boot_id })
+        Ok(Vm { dir: dir.to_path_buf(), shared, roots, vsock, agent, vmm_pid: pid, boot_id })
     }
 
     /// Asks the agent to stop everything and power off; kills the VMM if it
@@ -121,9 +138,29 @@ impl Vm {
         self.cleanup();
     }
 
-    /// Unmounts the shared directory and removes the VM's directory.
+    /// Removes container `id`'s directories from both shares, once its
+    /// mounts there are undone: its bind targets (`shared/ID/mounts/N`) and
+    /// its root (`roots/ID/rootfs`), never descending into them. Should a
+    /// mount have stayed (its unmount failed), removing its mount point
+    /// fails (EBUSY) and the files under it are left alone.
+    pub fn forget_dirs(&self, id: &str) {
+        let shared = self.shared.join(id);
+        for e in std::fs::read_dir(shared.join("mounts")).into_iter().flatten().flatten() {
+            let _ = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                std::fs::remove_dir(e.path())
+            } else {
+                std::fs::remove_file(e.path())
+            };
+        }
+        for d in [shared.join("mounts"), shared, self.roots.join(id).join("rootfs"), self.roots.join(id)] {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+
+    /// Unmounts the shared directories and removes the VM's directory.
     pub fn cleanup(&self) {
         let _ = umount2(&self.shared, MntFlags::MNT_DETACH);
+        let _ = umount2(&self.roots, MntFlags::MNT_DETACH);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
