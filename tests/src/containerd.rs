@@ -30,8 +30,13 @@ impl Containerd {
     /// hearth's configuration for this containerd's VMs, plus `extra` TOML
     /// lines: what HEARTH_CONFIG names, or a file for ConfigPath.
     pub fn hearth_config(env: &Env, vms: &std::path::Path, extra: &str) -> String {
+        Self::hearth_config_with(env, vms, 512, extra)
+    }
+
+    /// [`Containerd::hearth_config`] with VMs of `memory_mib`.
+    pub fn hearth_config_with(env: &Env, vms: &std::path::Path, memory_mib: u32, extra: &str) -> String {
         format!(
-            "vmm = \"{}\"\nkernel = \"{}\"\ninitramfs = \"{}\"\nvirtiofsd = \"{}\"\nmemory_mib = 512\nvcpus = 2\nstate_dir = \"{}\"\nlog_level = \"debug\"\n{extra}",
+            "vmm = \"{}\"\nkernel = \"{}\"\ninitramfs = \"{}\"\nvirtiofsd = \"{}\"\nmemory_mib = {memory_mib}\nvcpus = 2\nstate_dir = \"{}\"\nlog_level = \"debug\"\n{extra}",
             env.vmm.display(),
             env.vmlinux.display(),
             env.agent_initramfs.display(),
@@ -110,6 +115,10 @@ impl Containerd {
         let _ = self.child.wait();
         self.child = Self::spawn(&self.command, &self.log);
         self.wait_ready();
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.log.clone()
     }
 
     pub fn log_text(&self) -> String {

@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod containerd;
+pub mod distro;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -37,6 +38,11 @@ pub struct Env {
     /// The Debian minbase OCI image archive ([`DEBIAN_IMAGE`]).
     pub debian_image: PathBuf,
     pub virtiofsd: PathBuf,
+    /// The `hearth` CLI.
+    pub cli: PathBuf,
+    /// hearth's cache (`~/.cache/hearth`), where setup built the suite's
+    /// distro root filesystem.
+    pub cache: PathBuf,
 }
 
 fn var(name: &str) -> String {
@@ -63,6 +69,8 @@ impl Env {
             busybox_image: var("HEARTH_BUSYBOX_IMAGE").into(),
             debian_image: var("HEARTH_DEBIAN_IMAGE").into(),
             virtiofsd: var("HEARTH_VIRTIOFSD").into(),
+            cli: var("HEARTH_CLI").into(),
+            cache: var("HEARTH_CACHE").into(),
         }
     }
 }

@@ -30,6 +30,10 @@ pub struct Artefacts {
     /// The Debian minbase OCI image archive (docker.io/hearth/debian:bookworm).
     pub debian_image: PathBuf,
     pub virtiofsd: PathBuf,
+    /// The `hearth` CLI.
+    pub cli: PathBuf,
+    /// hearth's cache directory.
+    pub cache: PathBuf,
 }
 
 impl Artefacts {
@@ -38,7 +42,7 @@ impl Artefacts {
     pub fn build() -> Result<Artefacts> {
         sh::run(
             cmd("cargo")
-                .args(["build", "--release", "-p", "hearth-vmm", "-p", "containerd-shim-hearth-v2"])
+                .args(["build", "--release", "-p", "hearth-vmm", "-p", "containerd-shim-hearth-v2", "-p", "hearth-cli"])
                 .current_dir(paths::workspace()),
         )?;
         // Guest programs run on the guest's bare initramfs: link them
@@ -56,6 +60,7 @@ impl Artefacts {
         let guest_tool = paths::target_dir().join(GUEST_TARGET).join("release/hearth-guest-tool");
         let busybox_image = crate::images::ensure_busybox(&guest_tool)?;
         let debian_image = crate::images::ensure_debian(&crate::images::DEBIAN)?;
+        crate::images::ensure_suite_distro()?;
         Ok(Artefacts {
             vmm: paths::release_bin("hearth-vmm"),
             vmlinux: k.vmlinux,
@@ -69,6 +74,8 @@ impl Artefacts {
             busybox_image,
             debian_image,
             virtiofsd: crate::setup::find_virtiofsd().context("virtiofsd is not installed: run `cargo xtask setup`")?,
+            cli: paths::release_bin("hearth"),
+            cache: paths::cache(),
         })
     }
 
@@ -86,6 +93,8 @@ impl Artefacts {
             ("HEARTH_BUSYBOX_IMAGE", self.busybox_image.display().to_string()),
             ("HEARTH_DEBIAN_IMAGE", self.debian_image.display().to_string()),
             ("HEARTH_VIRTIOFSD", self.virtiofsd.display().to_string()),
+            ("HEARTH_CLI", self.cli.display().to_string()),
+            ("HEARTH_CACHE", self.cache.display().to_string()),
         ]
     }
 
@@ -105,6 +114,8 @@ impl Artefacts {
             busybox_image: get("HEARTH_BUSYBOX_IMAGE")?.into(),
             debian_image: get("HEARTH_DEBIAN_IMAGE")?.into(),
             virtiofsd: get("HEARTH_VIRTIOFSD")?.into(),
+            cli: get("HEARTH_CLI")?.into(),
+            cache: get("HEARTH_CACHE")?.into(),
         })
     }
 

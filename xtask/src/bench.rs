@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use crate::artefacts::Artefacts;
 use crate::place;
 
-pub const BENCHES: &[&str] = &["boot", "devices", "agent", "containerd"];
+pub const BENCHES: &[&str] = &["boot", "devices", "agent", "containerd", "distro"];
 
 /// The kernel command line both VMMs boot with (hearth-vmm's defaults).
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
@@ -30,7 +30,9 @@ pub fn run(name: &str, artefacts: &Artefacts) -> Result<()> {
     }
     let me = std::env::current_exe()?.display().to_string();
     let argv = vec![me, "bench-inner".into(), name.into()];
-    place::run_ok(&format!("bench-{name}"), artefacts, &argv, 2048, Duration::from_secs(1800))
+    // The distro benchmark keeps a distro, its image and a tree to untar.
+    let memory_mib = if name == "distro" { 6144 } else { 2048 };
+    place::run_ok(&format!("bench-{name}"), artefacts, &argv, memory_mib, Duration::from_secs(3600))
 }
 
 pub fn inner(name: &str) -> Result<()> {
@@ -40,6 +42,7 @@ pub fn inner(name: &str) -> Result<()> {
         "devices" => crate::bench_devices::run(&a),
         "agent" => crate::bench_agent::guest(&a),
         "containerd" => crate::bench_containerd::run(),
+        "distro" => crate::bench_distro::run(),
         _ => bail!("no benchmark {name:?}"),
     }
 }

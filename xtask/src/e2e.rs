@@ -9,7 +9,7 @@ use crate::artefacts::Artefacts;
 use crate::sh::cmd;
 use crate::{paths, place};
 
-pub const SUITES: &[&str] = &["boot", "devices", "agent-native", "agent", "containerd"];
+pub const SUITES: &[&str] = &["boot", "devices", "agent-native", "agent", "containerd", "distro"];
 
 /// Suites that need no VM: they run on this machine directly, as root.
 const NATIVE: &[&str] = &["agent-native"];
@@ -47,5 +47,8 @@ pub fn run(suite: &str, filter: Option<&str>, artefacts: &Artefacts) -> Result<(
         c.args(&argv[1..]).envs(artefacts.env());
         return crate::sh::run(&mut c);
     }
-    place::run_ok(&format!("e2e-{suite}"), artefacts, &argv, 2048, Duration::from_secs(1800))
+    // The distro suite keeps two distros (root filesystems, image layers and
+    // an export in the test host's memory) and a VM of 1 GiB.
+    let (memory_mib, guard) = if suite == "distro" { (6144, 2700) } else { (2048, 1800) };
+    place::run_ok(&format!("e2e-{suite}"), artefacts, &argv, memory_mib, Duration::from_secs(guard))
 }

@@ -9,16 +9,16 @@
 //!   bash, apt, dpkg). [`Debian`] describes more such images (other releases,
 //!   more packages).
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
-use crate::progress::Progress;
 use crate::{paths, sh};
+use hearth_rootfs::cache::lock;
+use hearth_rootfs::debian::{self, Recipe};
+use hearth_rootfs::progress::Progress;
 
 pub const BUSYBOX_IMAGE: &str = "docker.io/hearth/busybox:latest";
 
@@ -52,31 +52,6 @@ fn blob_file(layout: &Path, file: &Path) -> Result<(String, usize)> {
     std::fs::create_dir_all(&dir)?;
     std::fs::rename(file, dir.join(&digest))?;
     Ok((format!("sha256:{digest}"), size))
-}
-
-/// Takes an exclusive lock on `<dir>/.lock`, held until the returned file is
-/// dropped, while an image is built in `dir`: xtask runs sharing the cache
-/// (two suites started at once) build an image once, the later one waiting
-/// and then finding it built.
-fn lock(dir: &Path, what: &str) -> Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    std::fs::create_dir_all(dir)?;
-    let path = dir.join(".lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: flock on a descriptor this function owns.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        eprintln!("==> waiting for another xtask building {what} ({})", path.display());
-        // SAFETY: as above.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", path.display()));
-        }
-    }
-    Ok(file)
 }
 
 /// Makes `out`, an OCI image layout in a tar, of one layer (`layer_tar`, an
@@ -184,42 +159,15 @@ pub const DEBIAN: Debian<'static> = Debian {
     cmd: &["/bin/bash"],
 };
 
-const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
-/// Bump when the recipe below changes in a way that changes the output.
-const DEBIAN_RECIPE: &str = "mmdebstrap root merged-usr slim no-dev v1";
-/// mmdebstrap makes the same tar from the same mirror contents when this is
-/// set: it clamps every mtime to it and removes unreproducible files.
-const SOURCE_DATE_EPOCH: &str = "1704067200";
-/// dpkg path filters, as Debian's -slim images have them; they stay in the
-/// image (/etc/dpkg/dpkg.cfg.d/99mmdebstrap) for packages installed later.
-const DPKG_PATHS: &[&str] = &[
-    "path-exclude=/usr/share/doc/*",
-    "path-include=/usr/share/doc/*/copyright",
-    "path-exclude=/usr/share/man/*",
-    "path-exclude=/usr/share/info/*",
-    "path-exclude=/usr/share/groff/*",
-    "path-exclude=/usr/share/lintian/*",
-    "path-exclude=/usr/share/locale/*",
-];
-/// The runtime provides these: mmdebstrap copies the build host's.
-const CUSTOMIZE_HOOK: &str = r#"rm -f "$1/etc/resolv.conf" "$1/etc/hostname""#;
-
 /// A Debian image archive, cached by its recipe (release, variant, packages,
 /// tag, command); the mirror's later changes to the suite do not rebuild it.
 /// Needs root, mmdebstrap (`cargo xtask setup` installs it) and the mirror.
 pub fn ensure_debian(image: &Debian) -> Result<PathBuf> {
-    let mut include = image.include.to_vec();
-    include.sort_unstable();
-    include.dedup();
-    let key = sh::key(&[
-        DEBIAN_RECIPE.as_bytes(),
-        DEBIAN_MIRROR.as_bytes(),
-        image.release.as_bytes(),
-        image.variant.as_bytes(),
-        include.join(",").as_bytes(),
-        image.reference.as_bytes(),
-        image.cmd.join("\0").as_bytes(),
-    ]);
+    let recipe = Recipe::new(image.release, image.variant, image.include, debian::MIRROR);
+    let mut parts = recipe.key_parts();
+    parts.push(image.reference.to_string());
+    parts.push(image.cmd.join("\0"));
+    let key = sh::key(&parts.iter().map(|p| p.as_bytes()).collect::<Vec<_>>());
     // docker.io/hearth/debian:bookworm -> debian-oci.tar
     let name = image.reference.rsplit_once(':').map_or(image.reference, |(r, _)| r);
     let name = name.rsplit('/').next().unwrap_or(name);
@@ -242,65 +190,14 @@ pub fn ensure_debian(image: &Debian) -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let layer_tar = work.join("layer.tar");
-    let log_path = work.join("mmdebstrap.log");
-
-    let packages = if include.is_empty() { String::new() } else { format!(" + {}", include.join(" ")) };
+    let packages = if recipe.include.is_empty() { String::new() } else { format!(" + {}", recipe.include.join(" ")) };
     let mut progress = Progress::new(&format!(
         "building {} (mmdebstrap {} {}{packages}, ~1 min)",
         image.reference, image.release, image.variant
     ));
-    let mut mm = Command::new("mmdebstrap");
-    mm.arg("--verbose")
-        .arg(format!("--variant={}", image.variant))
-        .args(["--mode=root", "--format=tar"])
-        // Merged /usr by symlinks, without the usrmerge package (and the perl it pulls in).
-        .arg("--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr")
-        .arg(r#"--aptopt=Acquire::Languages "none""#)
-        .args(DPKG_PATHS.iter().map(|p| format!("--dpkgopt={p}")))
-        .arg(format!("--customize-hook={CUSTOMIZE_HOOK}"));
-    if !include.is_empty() {
-        mm.arg(format!("--include={}", include.join(",")));
-    }
-    mm.args([image.release, "-", DEBIAN_MIRROR])
-        .env("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = mm.spawn().context("starting mmdebstrap (is it installed? `cargo xtask setup` installs it)")?;
-    // mmdebstrap's tar starts with device nodes for /dev; the runtime mounts
-    // its own /dev, so the image keeps only the empty directory.
-    let mut filter = Command::new("mmtarfilter")
-        .arg("--path-exclude=/dev/*")
-        .stdin(child.stdout.take().unwrap())
-        .stdout(std::fs::File::create(&layer_tar)?)
-        .spawn()
-        .context("starting mmtarfilter")?;
-    // Its log: every line a progress tick; all of it to a file, the last
-    // lines shown if it fails.
-    let mut log = std::io::BufWriter::new(std::fs::File::create(&log_path)?);
-    let mut tail = VecDeque::new();
-    for line in BufReader::new(child.stderr.take().unwrap()).split(b'\n') {
-        let line = String::from_utf8_lossy(&line?).trim_end().to_string();
-        writeln!(log, "{line}")?;
-        progress.tick(&line);
-        if tail.len() == 40 {
-            tail.pop_front();
-        }
-        tail.push_back(line);
-    }
-    log.flush()?;
-    let status = child.wait()?;
-    let filtered = filter.wait()?;
-    if !status.success() || !filtered.success() {
-        progress.finish("failed; its last lines:");
-        for line in &tail {
-            eprintln!("    {line}");
-        }
-        bail!(
-            "mmdebstrap ({status}) | mmtarfilter ({filtered}) failed building {}; its log: {}",
-            image.reference,
-            log_path.display()
-        );
+    if let Err(e) = recipe.build(&layer_tar, &work.join("mmdebstrap.log"), &mut progress) {
+        progress.finish("failed");
+        return Err(e);
     }
     let rootfs_bytes = std::fs::metadata(&layer_tar)?.len();
     progress.tick("compressing the layer");
@@ -311,17 +208,29 @@ pub fn ensure_debian(image: &Debian) -> Result<PathBuf> {
     std::fs::write(
         out.with_file_name("build-info.txt"),
         format!(
-            "reference: {}\nrelease: {}\nvariant: {}\ninclude: {}\ncmd: {:?}\nmirror: {DEBIAN_MIRROR}\nrecipe: {DEBIAN_RECIPE}\n\
+            "reference: {}\nrelease: {}\nvariant: {}\ninclude: {}\ncmd: {:?}\nmirror: {}\nrecipe: {}\n\
              build seconds: {}\nrootfs tar bytes: {rootfs_bytes}\narchive bytes: {archive_bytes}\n",
             image.reference,
             image.release,
             image.variant,
-            include.join(" "),
+            recipe.include.join(" "),
             image.cmd,
+            debian::MIRROR,
+            debian::RECIPE,
             took.as_secs(),
         ),
     )?;
     let _ = std::fs::remove_dir_all(&work);
     eprintln!("==> image {}: {}", image.reference, out.display());
     Ok(out)
+}
+
+/// The root filesystem of the `distro` suite's Debian (systemd, Docker,
+/// FUSE), in the cache where `hearth distro install` looks: built here, so
+/// that the suite, in the test host without a route to the mirror, finds it.
+pub fn ensure_suite_distro() -> Result<PathBuf> {
+    use hearth_e2e::distro::{DISTRO_INCLUDE, DISTRO_RELEASE};
+    let include: Vec<String> = DISTRO_INCLUDE.iter().map(|s| s.to_string()).collect();
+    let recipe = debian::distro_recipe(DISTRO_RELEASE, &include, debian::MIRROR);
+    Ok(hearth_rootfs::tree::ensure_built(&recipe, &paths::cache())?.tar)
 }

@@ -2,7 +2,8 @@
 //! the shim's configuration defaults to (docs/usage.md):
 //! `/usr/local/bin/{hearth-vmm,containerd-shim-hearth-v2}`,
 //! `/usr/local/share/hearth/{vmlinux,agent.cpio}`, and a first
-//! `/etc/hearth/config.toml` (an existing one is left alone).
+//! `/etc/hearth/config.toml` (an existing one is left alone); and the
+//! `hearth` CLI in `/usr/local/bin` with its bash completion and manual page.
 
 use std::path::Path;
 
@@ -38,7 +39,21 @@ pub fn run(a: &Artefacts) -> Result<()> {
         )?;
         println!("wrote {}", config.display());
     }
+    copy(&a.cli, Path::new("/usr/local/bin/hearth"))?;
+    // What the CLI prints of itself: its completion and manual page.
+    for (args, to) in [
+        (&["completions", "bash"][..], "/usr/local/share/bash-completion/completions/hearth"),
+        (&["man"][..], "/usr/local/share/man/man1/hearth.1"),
+    ] {
+        let out = std::process::Command::new(&a.cli).args(args).output().context("running hearth")?;
+        anyhow::ensure!(out.status.success(), "hearth {args:?} failed");
+        std::fs::create_dir_all(Path::new(to).parent().unwrap())?;
+        std::fs::write(to, out.stdout)?;
+        println!("installed {to}");
+    }
     println!("containerd finds the runtime io.containerd.hearth.v2 on its PATH; try:");
     println!("  ctr images import <an OCI archive>; ctr run --rm --runtime io.containerd.hearth.v2 IMAGE ID uname -r");
+    println!("and for whole distributions (docs/distros.md):");
+    println!("  hearth distro install debian; hearth -d debian");
     Ok(())
 }

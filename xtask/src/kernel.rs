@@ -11,8 +11,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::paths;
-use crate::progress::Progress;
 use crate::sh::{self, cmd};
+use hearth_rootfs::progress::Progress;
 
 pub const SOURCE_PACKAGE: &str = "linux-source-6.12";
 const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.12.tar.xz";

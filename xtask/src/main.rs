@@ -5,6 +5,7 @@ mod bench;
 mod bench_agent;
 mod bench_containerd;
 mod bench_devices;
+mod bench_distro;
 mod cpio;
 mod demo;
 mod e2e;
@@ -15,7 +16,6 @@ mod install;
 mod kernel;
 mod paths;
 mod place;
-mod progress;
 mod setup;
 mod sh;
 mod testhost;
@@ -64,7 +64,12 @@ enum Task {
         target: Option<String>,
     },
     /// Run a shell command inside the test host (for debugging suites).
-    Testhost { command: Vec<String> },
+    Testhost {
+        /// The test host's memory, MiB.
+        #[arg(long, default_value_t = 2048)]
+        memory: u64,
+        command: Vec<String>,
+    },
     #[command(hide = true)]
     BenchInner { name: String },
     #[command(hide = true)]
@@ -108,12 +113,12 @@ fn main() -> ExitCode {
         Task::Demo => setup::run().and_then(|_| Artefacts::build()).and_then(|a| demo::run(&a)),
         Task::Install => setup::run().and_then(|_| Artefacts::build()).and_then(|a| install::run(&a)),
         Task::Fuzz { seconds, target } => fuzz::run(&target.into_iter().collect::<Vec<_>>(), seconds),
-        Task::Testhost { command } => testhost::ensure_assets().and_then(|assets| {
+        Task::Testhost { memory, command } => testhost::ensure_assets().and_then(|assets| {
             let script = format!(
                 "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root\n{}\n",
                 command.join(" ")
             );
-            let run = testhost::Run { name: "shell", script, memory_mib: 2048, timeout: Duration::from_secs(3600) };
+            let run = testhost::Run { name: "shell", script, memory_mib: memory, timeout: Duration::from_secs(3600) };
             match testhost::run(&assets, &run)? {
                 0 => Ok(()),
                 code => anyhow::bail!("the command exited with status {code}"),

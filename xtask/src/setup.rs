@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-use crate::progress::Progress;
+use hearth_rootfs::progress::Progress;
 
 use crate::sh::{self, cmd};
 use crate::{guest, kernel, paths, testhost};
@@ -29,7 +29,11 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("libseccomp-dev", "building virtiofsd, and libseccomp.a for the static hearth-agent"),
     ("libcap-ng-dev", "building virtiofsd"),
     ("iproute2", "taps for virtio-net in the e2e suites"),
-    ("mmdebstrap", "the Debian test image (docker.io/hearth/debian), made as root from deb.debian.org"),
+    ("mmdebstrap", "the Debian test image (docker.io/hearth/debian) and the distros, made as root from deb.debian.org"),
+    (
+        "protobuf-compiler",
+        "protoc, which generates containerd's gRPC API bindings for the hearth CLI (containerd-client)",
+    ),
 ];
 
 fn missing_packages() -> Vec<&'static str> {
@@ -98,8 +102,10 @@ pub fn run() -> Result<()> {
     // HEARTH_TESTHOST=always asks for it anywhere: prepare it always (cheap).
     testhost::ensure_assets()?;
     crate::fuzz::ensure_tools()?;
-    // The Debian image downloads from the mirror: here, not at test time.
+    // The Debian image and the distro suite's tree download from the mirror:
+    // here, not at test time.
     crate::images::ensure_debian(&crate::images::DEBIAN)?;
+    crate::images::ensure_suite_distro()?;
     sh::run(cmd("cargo").args(["build", "--release", "--workspace"]).current_dir(paths::workspace()))?;
     eprintln!("==> setup complete; e2e suites will run {}", testhost::describe(testhost::place()));
     Ok(())

@@ -27,16 +27,7 @@ pub fn cmd(program: impl AsRef<std::ffi::OsStr>) -> Command {
     Command::new(program)
 }
 
-/// Hex SHA-256 of some byte strings, shortened: the cache key of an artefact.
-pub fn key(parts: &[&[u8]]) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update((p.len() as u64).to_le_bytes());
-        h.update(p);
-    }
-    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
-}
+pub use hearth_rootfs::cache::key;
 
 /// Writes `data` to `path` atomically (temp file + rename), so an interrupted
 /// setup never leaves a half-written artefact behind that looks complete.

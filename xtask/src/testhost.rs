@@ -19,8 +19,8 @@ use anyhow::{bail, Context, Result};
 
 use crate::cpio::Archive;
 use crate::paths;
-use crate::progress::Progress;
 use crate::sh::{self, cmd};
+use hearth_rootfs::progress::Progress;
 
 const INIT: &str = include_str!("../../tests/testhost/init.sh");
 const MODULES: &str = include_str!("../../tests/testhost/modules.txt");

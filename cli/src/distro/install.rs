@@ -1,0 +1,91 @@
+//! Bringing a distro in: built from a recipe (`distro install debian`) or
+//! from a root filesystem tar (`distro import`). Either way the tree becomes
+//! a one-layer image in containerd, unpacked, and a distro registered on it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use hearth_rootfs::debian::distro_recipe;
+use hearth_rootfs::tree::{self as rootfs, Layer, RootfsInfo};
+
+use super::{check_name, Distro, Hearth};
+use crate::containerd::lease::{unique, Lease};
+
+/// `hearth distro install debian`'s choices.
+pub struct DebianInstall<'a> {
+    pub name: &'a str,
+    pub release: &'a str,
+    pub include: &'a [String],
+}
+
+impl Hearth {
+    /// Imports `layer` as image `image` and registers distro `name` on it,
+    /// everything under one lease so that nothing is collected half-way.
+    async fn bring_in(
+        &self,
+        name: &str,
+        image: &str,
+        layer: &Layer,
+        info: &RootfsInfo,
+        source: &str,
+    ) -> Result<Distro> {
+        let lease = Lease::create(&self.cd, "install", Duration::from_secs(6 * 3600)).await?;
+        let result = async {
+            let cmd: Vec<&str> = info.init.as_deref().into_iter().collect();
+            let labels = [(super::LABEL_OS.to_string(), info.os_name.clone())].into();
+            let imported =
+                self.cd.with_lease(&lease.id).import_layer(image, layer, &cmd, labels, &self.cfg.snapshotter).await?;
+            self.register(name, &imported, info, source).await
+        }
+        .await;
+        lease.delete(&self.cd).await?;
+        result
+    }
+
+    /// Builds (or finds in the cache) the Debian tree and installs it.
+    pub async fn install_debian(&self, opts: &DebianInstall<'_>) -> Result<Distro> {
+        check_name(opts.name)?;
+        if self.cd.container(opts.name).await?.is_some() {
+            anyhow::bail!(
+                "a distro named {:?} is installed already: `hearth -d {0}` runs it; pick another with --name, or \
+                 `hearth distro unregister {0}` first",
+                opts.name
+            );
+        }
+        let recipe = distro_recipe(opts.release, opts.include, &self.cfg.mirror);
+        let built = tokio::task::block_in_place(|| rootfs::ensure_built(&recipe, &self.cfg.cache_dir))?;
+        let tag = format!("{}-{}", opts.release, &built.digest.trim_start_matches("sha256:")[..12]);
+        let image = format!("hearth.local/distro/debian:{tag}");
+        let mut source = format!("debian {}", opts.release);
+        if !opts.include.is_empty() {
+            source.push_str(&format!(" +{}", opts.include.join(",")));
+        }
+        self.bring_in(opts.name, &image, &built.layer(), &built.info, &source).await
+    }
+
+    /// Imports a root filesystem tar (plain or gzipped) as distro `name`.
+    pub async fn import(&self, name: &str, file: &Path) -> Result<Distro> {
+        check_name(name)?;
+        if self.cd.container(name).await?.is_some() {
+            anyhow::bail!("a distro named {name:?} exists already: import under another name");
+        }
+        if !file.is_file() {
+            anyhow::bail!(
+                "{} is not a file: name a root filesystem tar (as `hearth distro export` makes)",
+                file.display()
+            );
+        }
+        let (layer, info) =
+            tokio::task::block_in_place(|| rootfs::inspect(file, &format!("reading {}", file.display())))?;
+        if info.init.is_none() {
+            tracing::warn!(
+                "{} has no /sbin/init: distro {name} will run a waiting shell as its init (no services)",
+                file.display()
+            );
+        }
+        let image = format!("hearth.local/import/{name}:{}", unique());
+        self.bring_in(name, &image, &layer, &info, &format!("import {}", file.display())).await
+    }
+}

@@ -1,0 +1,280 @@
+//! e2e suite `distro`: the `hearth` CLI keeps a whole Debian with systemd
+//! as a long-lived container in the utility VM, through Debian's containerd
+//! and the hearth runtime, as a user would: install, systemd running,
+//! journald, Docker-class workloads (dockerd and `docker run`, a FUSE mount,
+//! overlayfs, nested namespaces, a delegated cgroup), the host directory
+//! shared in, stdio and exit statuses, state kept across terminate and a VM
+//! restart, export and import under another name, status, set-default, and
+//! a shutdown that leaves nothing behind.
+
+use std::time::Duration;
+
+use hearth_e2e::containerd::{pids_matching, Containerd};
+use hearth_e2e::distro::{text, Hearth, DISTRO_INCLUDE};
+use hearth_e2e::{Env, Scratch};
+
+/// systemd's verdict once its boot is over: `running`, or `degraded` with
+/// the failed units (none is expected: the suite fails on any, naming it).
+fn wait_for_systemd(h: &Hearth, name: &str) {
+    // Its manager's socket first (before it, systemctl cannot ask), then
+    // the end of the boot.
+    let wait = "for i in $(seq 600); do [ -S /run/systemd/private ] && break; sleep 2; done; \
+                systemctl is-system-running --wait";
+    let o = h.run_with(&["-d", name, "--", "sh", "-c", wait], b"", Duration::from_secs(1500));
+    let state = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    if state != "running" {
+        let failed = h.run(&["-d", name, "--", "systemctl", "--failed", "--no-pager", "--no-legend"]);
+        panic!(
+            "systemd in {name} is {state:?}, not running; failed units:\n{}\n{}\n{}",
+            String::from_utf8_lossy(&failed.stdout),
+            text(&o),
+            h.diagnostics()
+        );
+    }
+}
+
+fn no_vm_left(h: &Hearth, c: &Containerd) {
+    let vmms = pids_matching(&h.vm_state.display().to_string(), "hearth-vmm");
+    assert!(vmms.is_empty(), "hearth-vmm still running: {vmms:?}");
+    let fsd = pids_matching(&h.vm_state.display().to_string(), "virtiofsd");
+    assert!(fsd.is_empty(), "virtiofsd still running: {fsd:?}");
+    hearth_e2e::containerd::wait_until("the distros' shim gone", Duration::from_secs(60), || {
+        pids_matching("containerd-shim-hearth-v2", &c.socket.display().to_string()).is_empty()
+    });
+    let vms: Vec<_> = std::fs::read_dir(&h.vm_state).into_iter().flatten().flatten().map(|e| e.path()).collect();
+    assert!(vms.is_empty(), "VM state left behind: {vms:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let ours: Vec<&str> = mounts.lines().filter(|l| l.contains(&h.vm_state.display().to_string())).collect();
+    assert!(ours.is_empty(), "mounts left behind: {ours:?}");
+}
+
+#[test]
+fn a_debian_distro_through_its_life() {
+    let env = Env::get();
+    let scratch = Scratch::new("distro");
+    let c = Containerd::start(&env, &scratch, 30);
+    let h = Hearth::new(&env, &scratch, &c, 1024);
+
+    // Install: the tree setup built (systemd, Docker, FUSE) from the cache,
+    // made an image in containerd and registered; the first distro is the
+    // default.
+    let include = DISTRO_INCLUDE.join(",");
+    let out = h.ok(&["distro", "install", "debian", "--include", &include]);
+    assert!(out.contains("debian installed (Debian GNU/Linux 12 (bookworm))"), "{out}");
+    let images = c.ok(&["-n", "hearth", "images", "ls", "-q"]);
+    assert!(images.contains("hearth.local/distro/debian:bookworm-"), "no image in containerd: {images}");
+    let list = h.ok(&["list"]);
+    assert!(list.lines().any(|l| l.starts_with("* debian") && l.contains("Stopped")), "{list}");
+
+    // First use boots the VM and systemd; systemd reaches `running`.
+    let uname = h.ok(&["-d", "debian", "--", "uname", "-r"]);
+    assert_eq!(uname.trim(), env.kernel_release, "the distro runs on the tuned kernel");
+    wait_for_systemd(&h, "debian");
+    let pid1 = h.sh("debian", "cat /proc/1/comm; systemd-detect-virt --container");
+    assert_eq!(pid1, "systemd\ncontainer-other\n");
+    let list = h.ok(&["list", "-v"]);
+    assert!(
+        list.lines().any(|l| l.contains("debian") && l.contains("Running") && l.contains("hearth-vmm pid")),
+        "{list}"
+    );
+
+    // journald works: a line logged is read back from the journal.
+    let journal = h.sh(
+        "debian",
+        "logger -t hearth-e2e journal-marker-42; for i in $(seq 60); do \
+         journalctl -t hearth-e2e -o cat --no-pager | grep -q journal-marker-42 && break; sleep 1; done; \
+         journalctl -t hearth-e2e -o cat --no-pager",
+    );
+    assert!(journal.contains("journal-marker-42"), "{journal}");
+
+    // Exit statuses, stdin, stdout and stderr pass through.
+    let o = h.run_with(
+        &["-d", "debian", "--", "sh", "-c", "cat; echo to-stderr >&2; exit 7"],
+        b"from-stdin\n",
+        Duration::from_secs(600),
+    );
+    assert_eq!(o.status.code(), Some(7), "{}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "from-stdin\n");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("to-stderr"), "{}", text(&o));
+    // A login shell (su -l) reads its commands from stdin without a terminal.
+    let o = h.run_with(&["-d", "debian"], b"echo login-$((6*7)) $HOME $0\n", Duration::from_secs(600));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("login-42 /root -bash"), "{}", text(&o));
+    // With a terminal: a PTY with the terminal's size.
+    let o = std::process::Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "stty rows 40 cols 100; HEARTH_CLI_CONFIG={} XDG_CONFIG_HOME={} {} -d debian -- sh -c 'stty size; tty'",
+            h.config.display(),
+            h.user_config_home.display(),
+            h.bin.display()
+        ))
+        .arg("/dev/null")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let tty = String::from_utf8_lossy(&o.stdout);
+    assert!(tty.contains("40 100") && tty.contains("/dev/pts/"), "tty: {tty}");
+
+    // The host directory is shared in at /mnt/host, both ways; hearth
+    // started in a directory under it starts there in the distro.
+    std::fs::create_dir_all(h.share.join("project")).unwrap();
+    std::fs::write(h.share.join("project/from-host.txt"), "host-bytes\n").unwrap();
+    let o = h.run_in(
+        &["-d", "debian", "--", "sh", "-c", "pwd; cat from-host.txt; echo distro-bytes > from-distro.txt"],
+        b"",
+        Duration::from_secs(600),
+        Some(&h.share.join("project")),
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "/mnt/host/project\nhost-bytes\n", "{}", text(&o));
+    assert_eq!(std::fs::read_to_string(h.share.join("project/from-distro.txt")).unwrap(), "distro-bytes\n");
+
+    // Docker in the utility VM: dockerd (started by systemd) runs a locally
+    // built busybox image, imported from the shared directory.
+    let rootfs = scratch.path("busybox-rootfs");
+    hearth_e2e::agent::busybox_rootfs(&rootfs, &env.guest_tool).unwrap();
+    hearth_e2e::host(
+        std::process::Command::new("tar").arg("-C").arg(&rootfs).arg("-cf").arg(h.share.join("busybox.tar")).arg("."),
+    );
+    let docker = h.sh(
+        "debian",
+        "systemctl is-active docker && docker import /mnt/host/busybox.tar hearth/busybox >/dev/null && \
+         docker run --rm hearth/busybox sh -c 'echo hello from docker in $(uname -r); cat /proc/1/cgroup' && \
+         docker run --rm --network none hearth/busybox sh -c 'ls /sys/class/net'",
+    );
+    assert!(docker.starts_with("active\n"), "{docker}");
+    assert!(docker.contains(&format!("hello from docker in {}", env.kernel_release)), "{docker}");
+    assert!(docker.contains("0::/"), "a docker container in a cgroup of its own: {docker}");
+    assert!(docker.trim_end().ends_with("lo"), "--network none gives only lo: {docker}");
+
+    // FUSE: fuse2fs mounts an ext4 image; its file reads back.
+    let fuse = h.sh(
+        "debian",
+        "set -e; rm -rf /run/fsrc; mkdir -p /run/fsrc /mnt/fuse; echo fuse-bytes > /run/fsrc/hello; \
+         mke2fs -q -t ext4 -d /run/fsrc /run/fuse.img 8M; fuse2fs -o ro,fakeroot /run/fuse.img /mnt/fuse; \
+         cat /mnt/fuse/hello; grep -c ' /mnt/fuse fuse' /proc/mounts; umount /mnt/fuse",
+    );
+    assert_eq!(fuse, "fuse-bytes\n1\n");
+
+    // overlayfs, with a lower layer on the distro's own root filesystem.
+    let overlay = h.sh(
+        "debian",
+        "set -e; mkdir -p /run/ov/u /run/ov/w /run/ov/m; \
+         mount -t overlay ov -o lowerdir=/etc,upperdir=/run/ov/u,workdir=/run/ov/w /run/ov/m; \
+         echo new > /run/ov/m/added; grep -c bookworm /run/ov/m/os-release; ls /run/ov/u; umount /run/ov/m",
+    );
+    assert_eq!(overlay, "1\nadded\n");
+
+    // Nested namespaces: user, pid and mount, with its own /proc.
+    let nested = h.sh(
+        "debian",
+        "unshare --user --map-root-user --pid --mount --fork --mount-proc sh -c 'echo pid=$$ uid=$(id -u) procs=$(ls /proc | grep -c ^[0-9])'",
+    );
+    assert_eq!(nested, "pid=1 uid=0 procs=2\n");
+
+    // A delegated cgroup: systemd limits a unit, and a sub-cgroup made by
+    // hand enforces its memory limit (an OOM kill) and pids limit.
+    let unit = h.sh(
+        "debian",
+        "systemd-run --quiet --wait --pipe -p MemoryMax=32M -p TasksMax=16 \
+         sh -c 'cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max'",
+    );
+    assert_eq!(unit, "33554432\n");
+    let cg = h.sh(
+        "debian",
+        "cg=/sys/fs/cgroup/hearth-e2e; mkdir -p $cg; echo 33554432 > $cg/memory.max; echo 4 > $cg/pids.max; \
+         sh -c \"echo \\$\\$ > $cg/cgroup.procs; exec tail /dev/zero\"; echo tail=$?; \
+         grep oom_kill $cg/memory.events | head -1; \
+         sh -c \"echo \\$\\$ > $cg/cgroup.procs; for i in 1 2 3 4 5 6; do sleep 5 & done 2>/dev/null; read n < $cg/pids.current; echo \\$n\"; \
+         sleep 6; rmdir $cg",
+    );
+    assert!(cg.starts_with("tail=137\noom_kill 1\n"), "{cg}");
+    let pids: u32 = cg.lines().nth(2).and_then(|l| l.trim().parse().ok()).unwrap_or(99);
+    assert!(pids <= 4, "pids.max 4 held: {cg}");
+
+    // State survives terminate and a VM restart.
+    h.sh("debian", "echo kept-across-restarts > /root/state; sync");
+    let boot_before = h.sh("debian", "cat /proc/sys/kernel/random/boot_id");
+    assert_eq!(h.ok(&["terminate", "debian"]), "debian: terminated\n");
+    assert!(h.ok(&["list"]).lines().any(|l| l.contains("debian") && l.contains("Stopped")));
+    let out = h.ok(&["shutdown"]);
+    assert!(out.contains("the utility VM is off"), "{out}");
+    no_vm_left(&h, &c);
+    assert!(h.ok(&["status"]).contains("utility VM: not running"));
+    assert_eq!(h.sh("debian", "cat /root/state"), "kept-across-restarts\n");
+    let boot_after = h.sh("debian", "cat /proc/sys/kernel/random/boot_id");
+    assert_ne!(boot_before, boot_after, "the VM booted again");
+
+    // Status: the VM's uptime, memory, kernel and containers.
+    let status = h.ok(&["status"]);
+    assert!(status.contains("utility VM: running"), "{status}");
+    assert!(status.contains(&format!("kernel:     {}", env.kernel_release)), "{status}");
+    assert!(
+        status.contains("memory:") && status.contains("debian") && status.contains("distros running: debian"),
+        "{status}"
+    );
+
+    // Export (refused while running), import under another name: the same files.
+    let tar = scratch.path("debian.tar");
+    let o = h.run(&["distro", "export", "debian", &tar.display().to_string()]);
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("hearth terminate debian"),
+        "{}",
+        text(&o)
+    );
+    h.ok(&["terminate", "debian"]);
+    h.ok(&["distro", "export", "debian", &tar.display().to_string()]);
+    let out = h.ok(&["distro", "import", "debian2", &tar.display().to_string()]);
+    assert!(out.contains("debian2 imported (Debian GNU/Linux 12 (bookworm))"), "{out}");
+    assert_eq!(h.sh("debian2", "cat /root/state; hostname"), "kept-across-restarts\ndebian2\n");
+
+    // set-default: per user, and what `hearth` without -d runs in.
+    let out = h.ok(&["set-default", "debian2"]);
+    assert!(out.contains("debian2 is now the default"), "{out}");
+    let user_file = std::fs::read_to_string(h.user_config_home.join("hearth/cli.toml")).unwrap();
+    assert!(user_file.contains("default_distro = \"debian2\""), "{user_file}");
+    assert_eq!(h.ok(&["--", "hostname"]), "debian2\n");
+    assert!(h.ok(&["list"]).lines().any(|l| l.starts_with("* debian2")));
+
+    // Shutdown stops every distro and the VM, and leaves nothing behind.
+    let out = h.ok(&["shutdown"]);
+    assert!(out.contains("stopped: debian2") && out.contains("the utility VM is off"), "{out}");
+    no_vm_left(&h, &c);
+    let fifos: Vec<_> =
+        std::fs::read_dir("/run/hearth/cli").into_iter().flatten().flatten().map(|e| e.path()).collect();
+    assert!(fifos.is_empty(), "FIFOs left behind: {fifos:?}");
+    let tasks = c.ok(&["-n", "hearth", "tasks", "ls", "-q"]);
+    assert!(tasks.trim().is_empty(), "tasks left: {tasks}");
+
+    // Unregister removes a distro and its files.
+    h.ok(&["distro", "unregister", "debian2"]);
+    let list = h.ok(&["list"]);
+    assert!(!list.contains("debian2") && list.contains("debian"), "{list}");
+    let snapshots = c.ok(&["-n", "hearth", "snapshots", "ls"]);
+    assert!(!snapshots.contains("hearth-distro-debian2"), "{snapshots}");
+}
+
+#[test]
+fn mistakes_are_named_with_their_fix() {
+    let env = Env::get();
+    let scratch = Scratch::new("distro-errors");
+    let c = Containerd::start(&env, &scratch, 30);
+    let h = Hearth::new(&env, &scratch, &c, 512);
+    let fails = |args: &[&str], want: &str| {
+        let o = h.run(args);
+        assert_eq!(o.status.code(), Some(125), "hearth {args:?}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "hearth {args:?} should say {want:?}: {err}");
+    };
+    fails(&["-d", "nosuch", "--", "true"], "install one with `hearth distro install debian`");
+    fails(&["--", "true"], "no distro is installed");
+    fails(&["distro", "install", "fedora"], "no recipe \"fedora\"");
+    fails(&["distro", "install", "debian", "--name", "no/slash"], "is not a valid distro name");
+    std::fs::write(scratch.path("not-a.tar"), vec![b'x'; 4096]).unwrap();
+    fails(&["distro", "import", "x", &scratch.path("not-a.tar").display().to_string()], "root filesystem tar");
+    fails(&["distro", "import", "x", "/nonexistent.tar"], "is not a file");
+    fails(&["--address", "/nonexistent.sock", "list"], "is containerd running?");
+    // A config with a typo names the file and the key.
+    std::fs::write(&h.config, "defualt_distro = \"x\"\n").unwrap();
+    fails(&["list"], "defualt_distro");
+    fails(&["list"], &h.config.display().to_string());
+}

@@ -1,0 +1,155 @@
+//! `cargo xtask bench distro`: the `hearth` CLI and a distro, each figure
+//! beside a reference measured in the same run, on the same containerd and
+//! the same root filesystem (the distro suite's Debian: systemd, Docker):
+//!
+//! - cold: `hearth -d debian -- true` with the VM down (the VM boots, the
+//!   distro's init starts, `true` runs), against `ctr run --rm` of the same
+//!   image with runc;
+//! - warm: the same with the distro running (an exec), against `ctr task
+//!   exec` into a runc container of the same image;
+//! - untar of a large tree (the distro's /usr/share, thousands of files)
+//!   onto the distro's root filesystem, timed inside the distro, against
+//!   the same untar on the host.
+//!
+//! Medians of RUNS runs; the last lines are the ratios.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use hearth_e2e::containerd::{text as ctr_text, Containerd};
+use hearth_e2e::distro::{text, Hearth, DISTRO_INCLUDE};
+
+use crate::bench::median_f64;
+
+const COLD_RUNS: usize = 3;
+const WARM_RUNS: usize = 5;
+const UNTAR_RUNS: usize = 3;
+
+fn timed(h: &Hearth, args: &[&str]) -> Result<f64> {
+    let started = Instant::now();
+    let o = h.run_with(args, b"", Duration::from_secs(900));
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    if !o.status.success() {
+        bail!("hearth {args:?} failed: {}", text(&o));
+    }
+    Ok(ms)
+}
+
+fn timed_ctr(c: &Containerd, args: &[&str]) -> Result<f64> {
+    let started = Instant::now();
+    let o = c.ctr(args);
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    if !o.status.success() {
+        bail!("ctr {args:?} failed: {}", ctr_text(&o));
+    }
+    Ok(ms)
+}
+
+/// Seconds the untar took inside the distro, as the distro measured them
+/// (hearth's own exec is not in the figure).
+fn untar_in_distro(h: &Hearth, run: usize) -> Result<f64> {
+    let script = format!(
+        "rm -rf /root/untar-{run}; mkdir /root/untar-{run}; s=$(date +%s%N); \
+         tar -xf /root/tree.tar -C /root/untar-{run}; sync; e=$(date +%s%N); \
+         echo $(( (e - s) / 1000000 )); rm -rf /root/untar-{run}"
+    );
+    let out = h.sh("debian", &script);
+    let ms: f64 = out.trim().parse().with_context(|| format!("the distro's timing: {out:?}"))?;
+    Ok(ms / 1000.0)
+}
+
+fn untar_on_host(tree: &std::path::Path, dir: &std::path::Path) -> Result<f64> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let started = Instant::now();
+    let s = Command::new("tar").arg("-xf").arg(tree).arg("-C").arg(dir).status()?;
+    let _ = Command::new("sync").status();
+    let secs = started.elapsed().as_secs_f64();
+    if !s.success() {
+        bail!("tar on the host failed");
+    }
+    std::fs::remove_dir_all(dir)?;
+    Ok(secs)
+}
+
+pub fn run() -> Result<()> {
+    let env = hearth_e2e::Env::get();
+    // runc needs the cgroup hierarchy; a bare test host may not mount it.
+    if !std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+        && !std::path::Path::new("/sys/fs/cgroup/memory").exists()
+    {
+        let _ = Command::new("mount").args(["-t", "cgroup2", "cgroup2", "/sys/fs/cgroup"]).status();
+    }
+    let scratch = hearth_e2e::Scratch::new("bench-distro");
+    let c = Containerd::start(&env, &scratch, 30);
+    let h = Hearth::new(&env, &scratch, &c, 1024);
+    h.ok(&["distro", "install", "debian", "--include", &DISTRO_INCLUDE.join(",")])
+        .contains("installed")
+        .then_some(())
+        .context("install")?;
+    let image = c
+        .ok(&["-n", "hearth", "images", "ls", "-q"])
+        .lines()
+        .find(|l| l.starts_with("hearth.local/distro/debian:"))
+        .context("the distro's image is not in containerd")?
+        .to_string();
+
+    // Cold: the VM down before each run.
+    let (mut cold, mut runc_cold) = (Vec::new(), Vec::new());
+    for i in 0..COLD_RUNS {
+        h.ok(&["shutdown"]);
+        cold.push(timed(&h, &["-d", "debian", "--", "true"])?);
+        runc_cold.push(timed_ctr(
+            &c,
+            &["-n", "hearth", "run", "--rm", "--runtime", "io.containerd.runc.v2", &image, &format!("rc-{i}"), "true"],
+        )?);
+    }
+    // Warm: the distro running; a runc container of the same image beside it.
+    c.ok(&[
+        "-n",
+        "hearth",
+        "run",
+        "-d",
+        "--runtime",
+        "io.containerd.runc.v2",
+        &image,
+        "runc-keeper",
+        "sleep",
+        "infinity",
+    ]);
+    let (mut warm, mut runc_warm) = (Vec::new(), Vec::new());
+    for i in 0..WARM_RUNS {
+        warm.push(timed(&h, &["-d", "debian", "--", "true"])?);
+        runc_warm.push(timed_ctr(
+            &c,
+            &["-n", "hearth", "task", "exec", "--exec-id", &format!("x{i}"), "runc-keeper", "true"],
+        )?);
+    }
+    c.ok(&["-n", "hearth", "task", "kill", "-s", "SIGKILL", "runc-keeper"]);
+
+    // Untar: the distro's /usr/share as the tree, inside and on the host.
+    let files = h.sh("debian", "tar -C /usr -cf /root/tree.tar share && tar -tf /root/tree.tar | wc -l && cp /root/tree.tar /mnt/host/tree.tar");
+    let files: u64 = files.trim().parse().context("counting the tree's entries")?;
+    let tree = h.share.join("tree.tar");
+    let tree_mib = std::fs::metadata(&tree)?.len() >> 20;
+    let (mut inside, mut host) = (Vec::new(), Vec::new());
+    for i in 0..UNTAR_RUNS {
+        inside.push(untar_in_distro(&h, i)?);
+        host.push(untar_on_host(&tree, &scratch.path("untar-host"))?);
+    }
+    h.ok(&["shutdown"]);
+
+    let (cold, runc_cold, warm, runc_warm) =
+        (median_f64(cold), median_f64(runc_cold), median_f64(warm), median_f64(runc_warm));
+    let (inside, host) = (median_f64(inside), median_f64(host));
+    println!("hearth -d debian -- true (systemd, Docker inside), against runc on the same containerd and image:");
+    println!("  cold, VM down (boot + init + exec), median of {COLD_RUNS}: hearth {cold:.0} ms | ctr run --rm runc {runc_cold:.0} ms");
+    println!("  warm, distro running (exec), median of {WARM_RUNS}:       hearth {warm:.0} ms | ctr task exec runc {runc_warm:.0} ms");
+    println!("untar of the distro's /usr/share ({files} entries, {tree_mib} MiB), median of {UNTAR_RUNS}:");
+    println!("  inside the distro (its root filesystem) {inside:.2} s | on the host {host:.2} s");
+    println!("ratio hearth cold/runc run {:.2}", cold / runc_cold);
+    println!("ratio hearth warm/runc exec {:.2}", warm / runc_warm);
+    println!("ratio untar distro/host {:.2}", inside / host);
+    Ok(())
+}
