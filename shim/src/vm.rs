@@ -6,7 +6,8 @@
 //! - `roots`: container root filesystems, cached by the guest without
 //!   revalidation (`cache=always`): only the container changes its root, and
 //!   every lookup saved is a round trip to virtiofsd saved (a distro's boot
-//!   makes tens of thousands);
+//!   makes tens of thousands); with extended attributes (file capabilities,
+//!   and Docker's vfs driver copies them);
 //! - `shared`: bind-mount sources, host directories the host may change
 //!   under the guest, cached with revalidation (`cache=auto`).
 
@@ -82,7 +83,7 @@ impl Vm {
             .arg("--fs")
             .arg(format!("tag={SHARE_TAG},dir={}", shared.display()))
             .arg("--fs")
-            .arg(format!("tag={ROOTS_TAG},dir={},cache=always", roots.display()))
+            .arg(format!("tag={ROOTS_TAG},dir={},cache=always,xattr=on", roots.display()))
             .arg("--balloon")
             .args(["--cmdline", cmdline.trim()])
             .stdin(Stdio::null())

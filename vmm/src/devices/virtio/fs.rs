@@ -38,26 +38,32 @@ const QUEUE_SIZE: u16 = 1024;
 const TAG_LEN: usize = 36;
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 
-/// `--fs tag=TAG,dir=DIR[,cache=auto|always|never|metadata]` or
-/// `--fs tag=TAG,socket=PATH`.
+/// `--fs tag=TAG,dir=DIR[,cache=auto|always|never|metadata][,xattr=on|off]`
+/// or `--fs tag=TAG,socket=PATH`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FsConfig {
     pub tag: String,
     pub dir: Option<PathBuf>,
     pub socket: Option<PathBuf>,
     pub cache: String,
+    /// Extended attributes passed through (virtiofsd `--xattr`): file
+    /// capabilities, ACLs, and tools that copy them (Docker's vfs driver).
+    pub xattr: bool,
 }
 
 impl FsConfig {
     pub fn parse(s: &str) -> Result<FsConfig, String> {
-        const USAGE: &str = "use tag=TAG,dir=DIR[,cache=auto|always|never|metadata] or tag=TAG,socket=PATH";
-        let mut c = FsConfig { tag: String::new(), dir: None, socket: None, cache: "auto".into() };
+        const USAGE: &str =
+            "use tag=TAG,dir=DIR[,cache=auto|always|never|metadata][,xattr=on|off] or tag=TAG,socket=PATH";
+        let mut c = FsConfig { tag: String::new(), dir: None, socket: None, cache: "auto".into(), xattr: false };
         for opt in s.split(',') {
             match opt.split_once('=') {
                 Some(("tag", v)) => c.tag = v.to_string(),
                 Some(("dir", v)) if !v.is_empty() => c.dir = Some(v.into()),
                 Some(("socket", v)) if !v.is_empty() => c.socket = Some(v.into()),
                 Some(("cache", v)) if ["auto", "always", "never", "metadata"].contains(&v) => c.cache = v.into(),
+                Some(("xattr", "on")) => c.xattr = true,
+                Some(("xattr", "off")) => c.xattr = false,
                 _ => return Err(format!("bad virtio-fs option {opt:?}: {USAGE}")),
             }
         }
@@ -126,6 +132,7 @@ impl Fs {
                     .arg(format!("--shared-dir={}", dir.display()))
                     .arg(format!("--cache={}", config.cache))
                     .args(["--log-level", "error"])
+                    .args(config.xattr.then_some("--xattr"))
                     .stdin(Stdio::null());
                 // virtiofsd must not outlive us: a VMM killed by SIGKILL runs
                 // no Drop, and an orphan would keep the share (and whatever
@@ -311,6 +318,9 @@ mod tests {
     fn options() {
         let c = FsConfig::parse("tag=home,dir=/root,cache=never").unwrap();
         assert_eq!((c.tag.as_str(), c.dir.as_deref(), c.cache.as_str()), ("home", Some(Path::new("/root")), "never"));
+        assert!(!c.xattr);
+        assert!(FsConfig::parse("tag=r,dir=/r,cache=always,xattr=on").unwrap().xattr);
+        assert!(FsConfig::parse("tag=r,dir=/r,xattr=yes").is_err());
         assert_eq!(FsConfig::parse("tag=h,socket=/s").unwrap().socket.as_deref(), Some(Path::new("/s")));
         assert!(FsConfig::parse("tag=h").unwrap_err().contains("exactly one"));
         assert!(FsConfig::parse("tag=h,dir=/a,socket=/s").is_err());
