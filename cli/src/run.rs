@@ -192,14 +192,21 @@ impl Output {
 /// (the process reads end of file), but not before `opened` fires (or is
 /// dropped): the shim opens its end when the process starts, and a FIFO
 /// closed by every side before that would drop what was written into it.
-fn copy_stdin(path: &Path, opened: std::sync::mpsc::Receiver<()>) -> Result<()> {
+fn copy_stdin(path: &Path, opened: std::sync::mpsc::Receiver<()>) -> Result<std::thread::JoinHandle<()>> {
+    copy_into_fifo(std::io::stdin(), path, opened)
+}
+
+fn copy_into_fifo(
+    mut input: impl Read + Send + 'static,
+    path: &Path,
+    opened: std::sync::mpsc::Receiver<()>,
+) -> Result<std::thread::JoinHandle<()>> {
     // Read-write: opening never waits for the shim, which opens it later.
     let mut fifo = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
-    std::thread::spawn(move || {
-        let mut stdin = std::io::stdin();
+    Ok(std::thread::spawn(move || {
         let mut buf = vec![0u8; 32 * 1024];
         loop {
-            match stdin.read(&mut buf) {
+            match input.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     if fifo.write_all(&buf[..n]).is_err() {
@@ -210,8 +217,7 @@ fn copy_stdin(path: &Path, opened: std::sync::mpsc::Receiver<()>) -> Result<()> 
         }
         let _ = opened.recv();
         drop(fifo);
-    });
-    Ok(())
+    }))
 }
 
 impl Hearth {
@@ -229,7 +235,7 @@ impl Hearth {
         let stdout = Output::open(&fifos.stdout)?;
         let stderr = fifos.stderr.as_deref().map(Output::open).transpose()?;
         let (opened, stdin_may_close) = std::sync::mpsc::channel();
-        copy_stdin(&fifos.stdin, stdin_may_close)?;
+        let _stdin_copier = copy_stdin(&fifos.stdin, stdin_may_close)?;
         self.cd.exec(&d.name, &exec_id, serde_json::to_vec(&spec)?, &fifos.stdio(terminal)).await?;
         let raw = if terminal { Some(RawMode::enter()?) } else { None };
         let status = self.attach(d, &exec_id, stdout, stderr, terminal, opened).await;
@@ -304,6 +310,25 @@ impl Hearth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn input_that_ends_before_the_shim_opens_the_fifo_is_kept() {
+        let dir = std::env::temp_dir().join(format!("hearth-run-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("stdin");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (opened, may_close) = std::sync::mpsc::channel();
+        let copier = copy_into_fifo(std::io::Cursor::new(b"all of it\n".to_vec()), &path, may_close).unwrap();
+        // The input has ended by now; the shim opens its end only later.
+        std::thread::sleep(Duration::from_millis(200));
+        let mut shim_end = std::fs::File::open(&path).unwrap();
+        drop(opened);
+        let mut got = String::new();
+        shim_end.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "all of it\n", "and then end of file");
+        copier.join().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn a_login_shell_or_the_command_as_the_user() {

@@ -254,20 +254,9 @@ fn copy_into_shared(mut from: UnixStream, sink: Arc<Mutex<Option<File>>>) {
     sink.lock().unwrap().take();
 }
 
-fn copy_out(mut from: File, mut to: &UnixStream) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => break, // EIO from a PTY master whose slave is gone
-        }
-    }
+/// Copies a process's output to the caller until it ends.
+fn copy_out(from: File, to: &UnixStream) {
+    copy_output(from, to, None)
 }
 
 /// Copies a PTY's output. Reading the master fails with EIO whenever no
@@ -275,7 +264,11 @@ fn copy_out(mut from: File, mut to: &UnixStream) {
 /// an init like systemd, which opens /dev/console for each message and
 /// closes it in between: so EIO ends the copy only once the process has
 /// exited, and otherwise the copy waits for the next writer.
-fn copy_pty_out(mut from: File, mut to: &UnixStream, exited: &AtomicBool) {
+fn copy_pty_out(from: File, to: &UnixStream, exited: &AtomicBool) {
+    copy_output(from, to, Some(exited))
+}
+
+fn copy_output(mut from: File, mut to: &UnixStream, eio_until_exited: Option<&AtomicBool>) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match from.read(&mut buf) {
@@ -286,10 +279,13 @@ fn copy_pty_out(mut from: File, mut to: &UnixStream, exited: &AtomicBool) {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if e.raw_os_error() == Some(libc::EIO) && !exited.load(Ordering::Acquire) => {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EIO)
+                    && eio_until_exited.is_some_and(|x| !x.load(Ordering::Acquire)) =>
+            {
                 std::thread::sleep(Duration::from_millis(100));
             }
-            Err(_) => break,
+            Err(_) => break, // EIO from a PTY master whose slave is gone
         }
     }
 }

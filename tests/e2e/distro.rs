@@ -138,13 +138,16 @@ fn a_debian_distro_through_its_life() {
     let docker = h.sh(
         "debian",
         "systemctl is-active docker && docker import /mnt/host/busybox.tar hearth/busybox >/dev/null && \
-         docker run --rm hearth/busybox sh -c 'echo hello from docker in $(uname -r); cat /proc/1/cgroup' && \
-         docker run --rm --network none hearth/busybox sh -c 'ls /sys/class/net'",
+         docker run --rm hearth/busybox sh -c 'echo hello from docker in $(uname -r); cat /proc/1/cgroup; echo $(ls /sys/class/net)' && \
+         docker run --rm --network none hearth/busybox sh -c 'echo $(ls /sys/class/net)'",
     );
-    assert!(docker.starts_with("active\n"), "{docker}");
-    assert!(docker.contains(&format!("hello from docker in {}", env.kernel_release)), "{docker}");
-    assert!(docker.contains("0::/"), "a docker container in a cgroup of its own: {docker}");
-    assert!(docker.trim_end().ends_with("lo"), "--network none gives only lo: {docker}");
+    let lines: Vec<&str> = docker.lines().collect();
+    assert_eq!(lines.len(), 5, "{docker}");
+    assert_eq!(lines[0], "active");
+    assert_eq!(lines[1], format!("hello from docker in {}", env.kernel_release));
+    assert_eq!(lines[2], "0::/", "a docker container in a cgroup (namespace) of its own");
+    assert!(lines[3].split(' ').any(|i| i == "eth0"), "bridged: an eth0 on docker0: {docker}");
+    assert!(lines[4].split(' ').any(|i| i == "lo") && !lines[4].contains("eth0"), "--network none: {docker}");
 
     // FUSE: fuse2fs mounts an ext4 image; its file reads back.
     let fuse = h.sh(

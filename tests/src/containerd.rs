@@ -128,8 +128,7 @@ impl Containerd {
     /// `ctr` with these arguments, killed (and the test failed, with
     /// containerd's log) if it has not ended after five minutes.
     pub fn ctr(&self, args: &[&str]) -> Output {
-        use std::io::Read;
-        let mut child = Command::new("ctr")
+        let child = Command::new("ctr")
             .arg("--address")
             .arg(&self.socket)
             .args(args)
@@ -138,22 +137,8 @@ impl Containerd {
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting ctr (installed by `cargo xtask setup`)");
-        let mut out = child.stdout.take().unwrap();
-        let mut err = child.stderr.take().unwrap();
-        let out_t = std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = out.read_to_end(&mut v);
-            v
-        });
-        let err_t = std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = err.read_to_end(&mut v);
-            v
-        });
-        let code = crate::wait_timeout(&mut child, Duration::from_secs(300));
-        assert!(code.is_some(), "ctr {args:?} hung (killed after 300 s)");
-        let status = child.wait().unwrap();
-        Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }
+        crate::output_within(child, Duration::from_secs(300))
+            .unwrap_or_else(|| panic!("ctr {args:?} hung (killed after 300 s)"))
     }
 
     /// `ctr` that must succeed; its stdout.

@@ -82,7 +82,7 @@ impl Hearth {
     }
 
     pub fn run_in(&self, args: &[&str], stdin: &[u8], guard: Duration, dir: Option<&Path>) -> Output {
-        use std::io::{Read, Write};
+        use std::io::Write;
         let mut cmd = self.command(args);
         if let Some(d) = dir {
             cmd.current_dir(d);
@@ -98,23 +98,9 @@ impl Hearth {
         let writer = std::thread::spawn(move || {
             let _ = input.write_all(&data);
         });
-        let mut out = child.stdout.take().unwrap();
-        let mut err = child.stderr.take().unwrap();
-        let out_t = std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = out.read_to_end(&mut v);
-            v
-        });
-        let err_t = std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = err.read_to_end(&mut v);
-            v
-        });
-        let code = crate::wait_timeout(&mut child, guard);
+        let out = crate::output_within(child, guard);
         let _ = writer.join();
-        assert!(code.is_some(), "hearth {args:?} hung (killed after {guard:?})\n{}", self.diagnostics());
-        let status = child.wait().unwrap();
-        Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }
+        out.unwrap_or_else(|| panic!("hearth {args:?} hung (killed after {guard:?})\n{}", self.diagnostics()))
     }
 
     pub fn run(&self, args: &[&str]) -> Output {

@@ -248,6 +248,30 @@ impl<'a> GuestRun<'a> {
     }
 }
 
+/// Collects a spawned child's piped stdout and stderr and waits for it, up
+/// to `guard` (a hang guard): None if it had to be killed.
+pub fn output_within(mut child: std::process::Child, guard: Duration) -> Option<std::process::Output> {
+    let mut out = child.stdout.take().expect("stdout piped");
+    let mut err = child.stderr.take().expect("stderr piped");
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    wait_timeout(&mut child, guard)?;
+    let status = child.wait().ok()?;
+    Some(std::process::Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    })
+}
+
 /// Runs `cmd` to its end like [`run`], handing each stdout line to `on_line`
 /// as it arrives, with the process's pid: to look at the process (its
 /// memory, say) at the moment the guest reports something.

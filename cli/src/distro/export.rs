@@ -34,6 +34,9 @@ impl Hearth {
                 d.name
             );
         }
+        // A stopped task still has the root filesystem mounted (by the shim,
+        // on the host): its deletion lets it go before the export mounts it.
+        self.cd.delete_task(&d.name).await?;
         let mounts = self.cd.snapshot_mounts(&self.cfg.snapshotter, &d.snapshot_key).await?;
         let dir = std::env::temp_dir().join(format!("hearth-export-{}-{}", d.name, std::process::id()));
         std::fs::create_dir_all(&dir)?;
