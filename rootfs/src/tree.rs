@@ -282,7 +282,10 @@ mod tests {
         } else {
             bytes
         };
-        let p = std::env::temp_dir().join(format!("hearth-rootfs-test-{}-{}.tar", std::process::id(), gzip));
+        // Tests run in parallel in one process: each tar gets a name of its own.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("hearth-rootfs-test-{}-{n}.tar", std::process::id()));
         std::fs::write(&p, bytes).unwrap();
         p
     }
