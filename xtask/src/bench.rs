@@ -4,6 +4,7 @@
 //! bench-inner <name>`, started in that place.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -115,6 +116,25 @@ fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
 pub fn median_f64(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
+}
+
+/// Milliseconds `ctr ARGS` took, on containerd `c`; an error if it failed.
+pub fn timed_ctr(c: &hearth_e2e::containerd::Containerd, args: &[&str]) -> Result<f64> {
+    let started = std::time::Instant::now();
+    let o = c.ctr(args);
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    if !o.status.success() {
+        anyhow::bail!("ctr {args:?} failed: {}", hearth_e2e::containerd::text(&o));
+    }
+    Ok(ms)
+}
+
+/// runc, the reference, needs the cgroup hierarchy, which a bare test host
+/// may not have mounted.
+pub fn mount_cgroup_if_bare() {
+    if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() && !Path::new("/sys/fs/cgroup/memory").exists() {
+        let _ = Command::new("mount").args(["-t", "cgroup2", "cgroup2", "/sys/fs/cgroup"]).status();
+    }
 }
 
 fn boot(a: &Artefacts) -> Result<()> {

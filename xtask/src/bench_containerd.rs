@@ -4,34 +4,22 @@
 //! (io.containerd.runc.v2) on the same containerd, image and host, in the same
 //! run. Medians of RUNS runs; the last lines are the ratios.
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Result};
-use hearth_e2e::containerd::{text, wait_until, Containerd, IMAGE, RUNTIME};
+use anyhow::Result;
+use hearth_e2e::containerd::{wait_until, Containerd, IMAGE, RUNTIME};
 
-use crate::bench::median_f64;
+use crate::bench::{median_f64, timed_ctr};
 
 const RUNS: usize = 5;
 
 fn timed_run(c: &Containerd, runtime: &str, id: &str) -> Result<f64> {
-    let started = Instant::now();
-    let o = c.ctr(&["run", "--rm", "--runtime", runtime, IMAGE, id, "true"]);
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
-    if !o.status.success() {
-        bail!("ctr run on {runtime} failed: {}", text(&o));
-    }
-    Ok(ms)
+    timed_ctr(c, &["run", "--rm", "--runtime", runtime, IMAGE, id, "true"])
 }
 
 pub fn run() -> Result<()> {
     let env = hearth_e2e::Env::get();
-    // runc needs the cgroup hierarchy; a bare test host may not mount it.
-    if !std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
-        && !std::path::Path::new("/sys/fs/cgroup/memory").exists()
-    {
-        let _ = Command::new("mount").args(["-t", "cgroup2", "cgroup2", "/sys/fs/cgroup"]).status();
-    }
+    crate::bench::mount_cgroup_if_bare();
     let scratch = hearth_e2e::Scratch::new("bench-containerd");
     // VMs idle out after a second, so that each cold run finds none.
     let c = Containerd::start(&env, &scratch, 1);

@@ -17,10 +17,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use hearth_e2e::containerd::{text as ctr_text, Containerd};
+use hearth_e2e::containerd::Containerd;
 use hearth_e2e::distro::{text, Hearth, DISTRO_INCLUDE};
 
-use crate::bench::median_f64;
+use crate::bench::{median_f64, timed_ctr};
 
 const COLD_RUNS: usize = 3;
 const WARM_RUNS: usize = 5;
@@ -32,16 +32,6 @@ fn timed(h: &Hearth, args: &[&str]) -> Result<f64> {
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     if !o.status.success() {
         bail!("hearth {args:?} failed: {}", text(&o));
-    }
-    Ok(ms)
-}
-
-fn timed_ctr(c: &Containerd, args: &[&str]) -> Result<f64> {
-    let started = Instant::now();
-    let o = c.ctr(args);
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
-    if !o.status.success() {
-        bail!("ctr {args:?} failed: {}", ctr_text(&o));
     }
     Ok(ms)
 }
@@ -75,12 +65,7 @@ fn untar_on_host(tree: &std::path::Path, dir: &std::path::Path) -> Result<f64> {
 
 pub fn run() -> Result<()> {
     let env = hearth_e2e::Env::get();
-    // runc needs the cgroup hierarchy; a bare test host may not mount it.
-    if !std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
-        && !std::path::Path::new("/sys/fs/cgroup/memory").exists()
-    {
-        let _ = Command::new("mount").args(["-t", "cgroup2", "cgroup2", "/sys/fs/cgroup"]).status();
-    }
+    crate::bench::mount_cgroup_if_bare();
     let scratch = hearth_e2e::Scratch::new("bench-distro");
     let c = Containerd::start(&env, &scratch, 30);
     let h = Hearth::new(&env, &scratch, &c, 1024);
