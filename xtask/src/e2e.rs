@@ -1,54 +1,196 @@
-//! `cargo xtask e2e <suite>`: builds a suite of tests/e2e/ and runs it where
-//! our VMM can run (see place.rs).
+//! `cargo xtask e2e <suite>`: builds the suites of tests/e2e/ and runs one
+//! where our VMM can run (see place.rs), each of its tests in a process of
+//! its own so that every test's wall time is known.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::artefacts::Artefacts;
+use crate::artefacts::{quote, Artefacts};
+use crate::place::{self, Step};
 use crate::sh::cmd;
-use crate::{paths, place};
+use crate::{paths, testhost};
 
 pub const SUITES: &[&str] = &["boot", "devices", "agent-native", "agent", "containerd", "distro"];
 
 /// Suites that need no VM: they run on this machine directly, as root.
 const NATIVE: &[&str] = &["agent-native"];
 
-/// Builds the test binary of `suite` and returns its path.
-fn build(suite: &str) -> Result<String> {
-    let out = cmd("cargo")
-        .args(["test", "--release", "-p", "hearth-e2e", "--test", suite, "--no-run"])
+/// The lines the suite script prints around each test (see [`script`]).
+const START: &str = "HEARTH-E2E-START ";
+const END: &str = "HEARTH-E2E-END ";
+
+/// Builds every suite's test binary in one cargo call and returns each
+/// suite's executable.
+pub fn build_all() -> Result<HashMap<String, String>> {
+    let mut c = cmd("cargo");
+    c.args(["test", "--release", "-p", "hearth-e2e", "--no-run"]);
+    for s in SUITES {
+        c.args(["--test", s]);
+    }
+    let out = c
         .args(["--message-format", "json-render-diagnostics"])
         .current_dir(paths::workspace())
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("running cargo")?;
     if !out.status.success() {
-        bail!("building the {suite} suite failed");
+        bail!("building the e2e suites failed");
     }
-    String::from_utf8_lossy(&out.stdout)
+    let exes: HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == suite)
-        .find_map(|v| v["executable"].as_str().map(String::from))
-        .with_context(|| format!("cargo did not report the {suite} test executable"))
+        .filter(|v| v["reason"] == "compiler-artifact" && v["profile"]["test"] == true)
+        .filter_map(|v| Some((v["target"]["name"].as_str()?.to_string(), v["executable"].as_str()?.to_string())))
+        .collect();
+    if let Some(s) = SUITES.iter().find(|s| !exes.contains_key(**s)) {
+        bail!("cargo did not report the {s} suite's test executable");
+    }
+    Ok(exes)
 }
 
-pub fn run(suite: &str, filter: Option<&str>, artefacts: &Artefacts) -> Result<()> {
+/// What one test of a suite did.
+#[derive(Clone, Debug)]
+pub struct TestTime {
+    pub name: String,
+    pub passed: bool,
+    pub secs: f64,
+}
+
+/// What a suite did: its wall time (the test host's boot included) and each
+/// test's.
+#[derive(Clone, Debug)]
+pub struct SuiteReport {
+    pub suite: String,
+    pub secs: f64,
+    pub tests: Vec<TestTime>,
+    /// Why the suite as a whole failed, beyond its tests (a hang, a test
+    /// host that died, a test that never ended).
+    pub error: Option<String>,
+}
+
+impl SuiteReport {
+    pub fn passed(&self) -> bool {
+        self.error.is_none() && self.tests.iter().all(|t| t.passed)
+    }
+}
+
+/// The script that runs each test (those matching `filter`) in a process of
+/// its own, one after the other, marking where each starts and ends. It
+/// exits non-zero if any failed.
+fn script(exe: &str, filter: Option<&str>) -> String {
+    let exe = quote(exe);
+    let filter = filter.map(quote).unwrap_or_default();
+    format!(
+        r#"tests=$({exe} --list --format=terse {filter} | sed -n 's/: test$//p')
+if [ -z "$tests" ]; then echo "no test of this suite matches {filter}"; exit 1; fi
+failed=0
+for t in $tests; do
+    printf '\n{START}%s\n' "$t"
+    {exe} --exact "$t" --test-threads=1 --color=never
+    rc=$?
+    printf '\n{END}%s %s\n' "$t" "$rc"
+    [ "$rc" -eq 0 ] || failed=1
+done
+exit $failed
+"#
+    )
+}
+
+/// Memory (MiB) and hang guard (s) of a suite's test host.
+fn limits(suite: &str) -> (u64, u64) {
+    // The distro suite keeps two distros (root filesystems, image layers and
+    // an export in the test host's memory) and a VM of 1 GiB.
+    if suite == "distro" {
+        (6144, 2700)
+    } else {
+        (2048, 1800)
+    }
+}
+
+/// Runs one suite (its tests whose names contain `filter`), each line of its
+/// output passed to `console`, and reports each test's time. A failing test
+/// is in the report, not an error; an error is a suite that could not run.
+pub fn run(
+    suite: &str,
+    exe: &str,
+    filter: Option<&str>,
+    artefacts: &Artefacts,
+    console: &(dyn Fn(&str) + Sync),
+) -> Result<SuiteReport> {
     if !SUITES.contains(&suite) {
         bail!("no e2e suite {suite:?}; the suites are: {}", SUITES.join(", "));
     }
-    let exe = build(suite)?;
-    // One test at a time: each boots a VM, and the machine has two cores.
-    let mut argv = vec![exe, "--test-threads=1".to_string(), "--color=never".to_string()];
-    argv.extend(filter.map(String::from));
-    if NATIVE.contains(&suite) {
-        let mut c = cmd(&argv[0]);
-        c.args(&argv[1..]).envs(artefacts.env());
-        return crate::sh::run(&mut c);
+    let started = Instant::now();
+    let tests: Mutex<Vec<TestTime>> = Mutex::new(Vec::new());
+    let current: Mutex<Option<(String, Instant)>> = Mutex::new(None);
+    let marks = |line: &str| {
+        if let Some(name) = line.strip_prefix(START) {
+            *current.lock().unwrap() = Some((name.trim().to_string(), Instant::now()));
+        } else if let Some(rest) = line.strip_prefix(END) {
+            let (name, rc) = rest.trim().rsplit_once(' ').unwrap_or((rest.trim(), "1"));
+            let secs = match current.lock().unwrap().take() {
+                Some((n, t)) if n == name => t.elapsed().as_secs_f64(),
+                _ => 0.0,
+            };
+            let passed = rc == "0";
+            tests.lock().unwrap().push(TestTime { name: name.to_string(), passed, secs });
+            console(&format!("---- {suite}: {name} {} in {secs:.1} s", if passed { "ok" } else { "FAILED" }));
+            return;
+        }
+        console(line);
+    };
+    let (memory_mib, guard) = limits(suite);
+    let script = script(exe, filter);
+    let status = if NATIVE.contains(&suite) {
+        // Native suites need no VM: on this machine, as root, whatever KVM is.
+        place::run_here(&script, artefacts, &marks)
+    } else {
+        let step = Step {
+            name: &format!("e2e-{suite}"),
+            script,
+            memory_mib,
+            timeout: Duration::from_secs(guard),
+            console: &marks,
+        };
+        place::run_script(artefacts, step)
+    };
+    let mut tests = tests.into_inner().unwrap();
+    let mut error = None;
+    if let Some((name, t)) = current.into_inner().unwrap() {
+        // The suite ended inside a test: the hang guard or a dead test host.
+        tests.push(TestTime { name: name.clone(), passed: false, secs: t.elapsed().as_secs_f64() });
+        error = Some(format!("the suite ended during {name}"));
     }
-    // The distro suite keeps two distros (root filesystems, image layers and
-    // an export in the test host's memory) and a VM of 1 GiB.
-    let (memory_mib, guard) = if suite == "distro" { (6144, 2700) } else { (2048, 1800) };
-    place::run_ok(&format!("e2e-{suite}"), artefacts, &argv, memory_mib, Duration::from_secs(guard))
+    match status {
+        Ok(0) => {}
+        // The failing tests say why.
+        Ok(_) if error.is_none() && tests.iter().any(|t| !t.passed) => {}
+        Ok(code) => error = error.or(Some(format!("exit status {code}"))),
+        Err(e) => error = Some(format!("{e:#}")),
+    }
+    if tests.is_empty() {
+        error = Some(match filter {
+            Some(f) => format!("no test matches {f:?}"),
+            None => "it ran no test".into(),
+        });
+    }
+    Ok(SuiteReport { suite: suite.to_string(), secs: started.elapsed().as_secs_f64(), tests, error })
+}
+
+/// `cargo xtask e2e <suite> [filter]`: one suite, output on stdout, with
+/// each test's time at the end.
+pub fn run_one(suite: &str, filter: Option<&str>, artefacts: &Artefacts) -> Result<()> {
+    if !SUITES.contains(&suite) {
+        bail!("no e2e suite {suite:?}; the suites are: {}", SUITES.join(", "));
+    }
+    let exes = build_all()?;
+    let report = run(suite, &exes[suite], filter, artefacts, &testhost::stdout_console)?;
+    crate::testrun::print_suites(std::slice::from_ref(&report));
+    if !report.passed() {
+        bail!("e2e suite {suite} failed{}", report.error.map(|e| format!(": {e}")).unwrap_or_default());
+    }
+    Ok(())
 }

@@ -66,45 +66,76 @@ pub fn test_seconds() -> Result<u64> {
 /// Builds the targets, runs each of `targets` (all when empty) for `seconds`,
 /// prints what each did, and fails if any found something.
 pub fn run(targets: &[String], seconds: u64) -> Result<()> {
-    let targets: Vec<&str> =
-        if targets.is_empty() { TARGETS.to_vec() } else { targets.iter().map(|s| s.as_str()).collect() };
-    if let Some(t) = targets.iter().find(|t| !TARGETS.contains(t)) {
-        bail!("no fuzz target {t}: the targets are {}", TARGETS.join(", "));
-    }
+    let targets = pick(targets)?;
     if seconds == 0 {
         eprintln!("==> fuzzing skipped (0 seconds)");
         return Ok(());
     }
-    ensure_tools()?;
-    let dir = paths::workspace().join("fuzz");
-    eprintln!("==> building the fuzz targets (nightly, AddressSanitizer)");
-    let started = Instant::now();
-    sh::run(cargo_fuzz(&dir).arg("build"))?;
-    eprintln!("    built in {:.0}s", started.elapsed().as_secs_f64());
+    let console = |line: &str| println!("{line}");
+    build(&console)?;
+    run_built(&targets, seconds, &console)
+}
 
+/// The named targets, checked; all when none is named.
+pub fn pick(targets: &[String]) -> Result<Vec<&'static str>> {
+    if targets.is_empty() {
+        return Ok(TARGETS.to_vec());
+    }
+    targets
+        .iter()
+        .map(|t| {
+            TARGETS
+                .iter()
+                .copied()
+                .find(|k| k == t)
+                .with_context(|| format!("no fuzz target {t}: the targets are {}", TARGETS.join(", ")))
+        })
+        .collect()
+}
+
+/// Installs the tools if missing and builds every target.
+pub fn build(console: &(dyn Fn(&str) + Sync)) -> Result<()> {
+    ensure_tools()?;
+    console("==> building the fuzz targets (nightly, AddressSanitizer)");
+    let started = Instant::now();
+    sh::run_lines(cargo_fuzz(&paths::workspace().join("fuzz"), "build"), console)?;
+    console(&format!("    built in {:.0}s", started.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+/// Runs each of `targets`, already built, for `seconds`, each line of what
+/// it says to `console`, and fails if any found something.
+pub fn run_built(targets: &[&str], seconds: u64, console: &(dyn Fn(&str) + Sync)) -> Result<()> {
+    let dir = paths::workspace().join("fuzz");
     let mut failed = Vec::new();
-    for target in &targets {
-        let outcome = run_one(&dir, target, seconds)?;
-        println!("fuzz {target}: {}", outcome.describe());
+    for target in targets {
+        let outcome = run_one(&dir, target, seconds, console)?;
+        console(&format!("fuzz {target}: {}", outcome.describe()));
         if !outcome.clean() {
-            eprintln!("---- from {} ----", outcome.log.display());
-            eprintln!("{}", outcome.excerpt());
-            eprintln!("----");
+            console(&format!("---- from {} ----", outcome.log.display()));
+            outcome.excerpt().lines().for_each(console);
+            console("----");
             failed.push(*target);
         }
     }
-    println!("fuzz: {} passed, {} failed", targets.len() - failed.len(), failed.len());
+    console(&format!("fuzz: {} passed, {} failed", targets.len() - failed.len(), failed.len()));
     if !failed.is_empty() {
         bail!("fuzzing found problems in: {} (inputs under fuzz/artifacts/, see docs/fuzzing.md)", failed.join(", "));
     }
     Ok(())
 }
 
-/// `cargo +nightly fuzz` in fuzz/, with its own target dir (fuzz/target),
-/// whatever target dir or toolchain the caller's cargo had.
-fn cargo_fuzz(dir: &Path) -> std::process::Command {
+/// `cargo +nightly fuzz <sub>` in fuzz/, with a target dir of its own
+/// (nightly and the sanitizer flags build everything differently): fuzz/target,
+/// or `fuzz` under CARGO_TARGET_DIR where the caller keeps its builds
+/// elsewhere (.ci/run keeps them warm across clones), whatever toolchain the
+/// caller's cargo had.
+fn cargo_fuzz(dir: &Path, sub: &str) -> std::process::Command {
     let mut c = cmd("cargo");
-    c.args(["+nightly", "fuzz"]).current_dir(dir).env_remove("CARGO_TARGET_DIR").env_remove("RUSTUP_TOOLCHAIN");
+    c.args(["+nightly", "fuzz", sub]).current_dir(dir).env_remove("CARGO_TARGET_DIR").env_remove("RUSTUP_TOOLCHAIN");
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        c.arg("--target-dir").arg(PathBuf::from(t).join("fuzz"));
+    }
     c
 }
 
@@ -182,16 +213,16 @@ impl Outcome {
     }
 }
 
-fn run_one(dir: &Path, target: &str, seconds: u64) -> Result<Outcome> {
+fn run_one(dir: &Path, target: &str, seconds: u64, console: &(dyn Fn(&str) + Sync)) -> Result<Outcome> {
     let corpus = dir.join("corpus").join(target);
     std::fs::create_dir_all(&corpus)?;
     let artifacts = dir.join("artifacts");
     std::fs::create_dir_all(&artifacts)?;
     let log = artifacts.join(format!("{target}.log"));
-    eprintln!("==> fuzzing {target} for {seconds}s (corpus {}, log {})", corpus.display(), log.display());
+    console(&format!("==> fuzzing {target} for {seconds}s (corpus {}, log {})", corpus.display(), log.display()));
     let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let mut c = cargo_fuzz(dir);
-    c.args(["run", target])
+    let mut c = cargo_fuzz(dir, "run");
+    c.arg(target)
         .arg(&corpus)
         .arg("--")
         .arg(format!("-max_total_time={seconds}"))

@@ -19,15 +19,14 @@ mod place;
 mod setup;
 mod sh;
 mod testhost;
+mod testrun;
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use crate::artefacts::Artefacts;
-use crate::sh::cmd;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "hearth's project tasks")]
@@ -76,50 +75,30 @@ enum Task {
     DemoInner,
 }
 
-fn test() -> Result<()> {
-    setup::run()?;
-    // Unit and integration tests; the e2e suites' targets run below, where KVM can run them.
-    let ws = paths::workspace();
-    sh::run(cmd("cargo").args(["test", "--release", "--workspace", "--exclude", "hearth-e2e"]).current_dir(&ws))?;
-    sh::run(cmd("cargo").args(["test", "--release", "-p", "hearth-e2e", "--lib"]).current_dir(&ws))?;
-    let artefacts = Artefacts::build()?;
-    let (mut passed, mut failed) = (0, Vec::new());
-    for suite in e2e::SUITES {
-        match e2e::run(suite, None, &artefacts) {
-            Ok(()) => passed += 1,
-            Err(e) => {
-                eprintln!("e2e suite {suite} failed: {e:#}");
-                failed.push(*suite);
-            }
-        }
-    }
-    println!("e2e: {passed} passed, {} failed", failed.len());
-    // Then every fuzz target briefly (HEARTH_FUZZ_SECONDS each, default 20).
-    let fuzzed = fuzz::test_seconds().and_then(|s| fuzz::run(&[], s));
-    if !failed.is_empty() {
-        anyhow::bail!("failed e2e suites: {}", failed.join(", "));
-    }
-    fuzzed
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup => setup::run(),
         Task::Kernel => setup::apt().and_then(|_| kernel::ensure()).map(|_| ()),
-        Task::Test => test(),
-        Task::E2e { suite, filter } => Artefacts::build().and_then(|a| e2e::run(&suite, filter.as_deref(), &a)),
+        Task::Test => testrun::run(),
+        Task::E2e { suite, filter } => Artefacts::build().and_then(|a| e2e::run_one(&suite, filter.as_deref(), &a)),
         Task::Bench { name } => Artefacts::build().and_then(|a| bench::run(&name, &a)),
         Task::Demo => setup::run().and_then(|_| Artefacts::build()).and_then(|a| demo::run(&a)),
         Task::Install => setup::run().and_then(|_| Artefacts::build()).and_then(|a| install::run(&a)),
         Task::Fuzz { seconds, target } => fuzz::run(&target.into_iter().collect::<Vec<_>>(), seconds),
-        Task::Testhost { memory, command } => testhost::ensure_assets().and_then(|assets| {
+        Task::Testhost { memory, command } => testhost::assets().and_then(|assets| {
             let script = format!(
                 "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root\n{}\n",
                 command.join(" ")
             );
-            let run = testhost::Run { name: "shell", script, memory_mib: memory, timeout: Duration::from_secs(3600) };
-            match testhost::run(&assets, &run)? {
+            let run = testhost::Run {
+                name: "shell",
+                script,
+                memory_mib: memory,
+                timeout: Duration::from_secs(3600),
+                console: &testhost::stdout_console,
+            };
+            match testhost::run(assets, &run)? {
                 0 => Ok(()),
                 code => anyhow::bail!("the command exited with status {code}"),
             }

@@ -1,33 +1,70 @@
 //! Running a step where KVM can run our VMM: here, or in the test host.
 
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::artefacts::{quote, Artefacts};
-use crate::testhost::{self, Place};
+use crate::testhost::{self, Console, Place};
 
-/// Runs `argv` with the artefacts' environment, directly or in the test
-/// host, and returns its exit status.
-pub fn run(name: &str, artefacts: &Artefacts, argv: &[String], memory_mib: u64, timeout: Duration) -> Result<i32> {
+/// A shell script to run with the artefacts' environment.
+pub struct Step<'a> {
+    pub name: &'a str,
+    pub script: String,
+    /// The test host's memory, where the step runs in one.
+    pub memory_mib: u64,
+    /// Hang guard of the test host.
+    pub timeout: Duration,
+    /// Where its output lines go (stdout and stderr alike).
+    pub console: Console<'a>,
+}
+
+/// Runs `step` directly or in the test host and returns its exit status.
+pub fn run_script(artefacts: &Artefacts, step: Step) -> Result<i32> {
     let place = testhost::place();
-    eprintln!("==> {name}: running {}", testhost::describe(place));
+    (step.console)(&format!("==> {}: running {}", step.name, testhost::describe(place)));
     match place {
-        Place::Direct => {
-            let status = std::process::Command::new(&argv[0]).args(&argv[1..]).envs(artefacts.env()).status()?;
-            Ok(status.code().unwrap_or(128 + 9))
-        }
+        Place::Direct => run_here(&step.script, artefacts, step.console),
         Place::TestHost => {
-            let assets = testhost::ensure_assets()?;
-            let line: Vec<String> = argv.iter().map(|a| quote(a)).collect();
-            let script = format!("{}exec {}\n", artefacts.shell_exports(), line.join(" "));
-            testhost::run(&assets, &testhost::Run { name, script, memory_mib, timeout })
+            let script = format!("{}{}", artefacts.shell_exports(), step.script);
+            let run = testhost::Run {
+                name: step.name,
+                script,
+                memory_mib: step.memory_mib,
+                timeout: step.timeout,
+                console: step.console,
+            };
+            testhost::run(testhost::assets()?, &run)
         }
     }
 }
 
+/// Runs `script` on this machine with the artefacts' environment, its
+/// stdout and stderr line by line to `console`, and returns its exit status.
+pub fn run_here(script: &str, artefacts: &Artefacts, console: Console) -> Result<i32> {
+    let mut child = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("exec 2>&1\n{script}"))
+        .envs(artefacts.env())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting /bin/sh")?;
+    for line in BufReader::new(child.stdout.take().unwrap()).split(b'\n') {
+        console(&String::from_utf8_lossy(&line?));
+    }
+    Ok(child.wait()?.code().unwrap_or(128 + 9))
+}
+
+/// Runs `argv` with the artefacts' environment, directly or in the test
+/// host, its output on stdout, and fails unless it exits 0.
 pub fn run_ok(name: &str, artefacts: &Artefacts, argv: &[String], memory_mib: u64, timeout: Duration) -> Result<()> {
-    let code = run(name, artefacts, argv, memory_mib, timeout)?;
+    let line: Vec<String> = argv.iter().map(|a| quote(a)).collect();
+    let script = format!("exec {}\n", line.join(" "));
+    let step = Step { name, script, memory_mib, timeout, console: &testhost::stdout_console };
+    let code = run_script(artefacts, step)?;
     if code != 0 {
         bail!("{name} failed (exit status {code})");
     }

@@ -14,6 +14,26 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs `cmd`, each line of its stdout and stderr (together, in order) to
+/// `console`; fails with the command line if it fails.
+pub fn run_lines(mut cmd: Command, console: &(dyn Fn(&str) + Sync)) -> Result<()> {
+    let (reader, writer) = std::io::pipe().context("making a pipe")?;
+    cmd.stdout(writer.try_clone()?).stderr(writer).stdin(Stdio::null());
+    let mut child = cmd.spawn().with_context(|| format!("cannot start {cmd:?}"))?;
+    let shown = format!("{cmd:?}");
+    // The command holds the pipe's write ends: without them, the read ends
+    // when the child (and what it left running) closes its own.
+    drop(cmd);
+    for line in std::io::BufRead::split(std::io::BufReader::new(reader), b'\n') {
+        console(String::from_utf8_lossy(&line?).trim_end_matches('\r'));
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
 /// Runs `cmd` and returns its trimmed stdout.
 pub fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("cannot start {cmd:?}"))?;

@@ -87,6 +87,23 @@ fn kernel_package() -> Result<(String, String)> {
     Ok((pkg, file))
 }
 
+/// The test host's assets, prepared (or found in the cache) once per xtask
+/// run however many suites use them.
+pub fn assets() -> Result<&'static Assets> {
+    static ASSETS: std::sync::OnceLock<Assets> = std::sync::OnceLock::new();
+    if let Some(a) = ASSETS.get() {
+        return Ok(a);
+    }
+    let a = ensure_assets()?;
+    Ok(ASSETS.get_or_init(|| a))
+}
+
+/// The QEMU that runs the test host: `HEARTH_TESTHOST_QEMU` names another
+/// binary (to compare QEMU versions, docs/testing.md), else the one on PATH.
+fn qemu() -> String {
+    std::env::var("HEARTH_TESTHOST_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into())
+}
+
 /// Downloads and unpacks the test host's kernel and builds its initramfs,
 /// unless the cache has them for the same inputs.
 pub fn ensure_assets() -> Result<Assets> {
@@ -133,6 +150,17 @@ pub fn ensure_assets() -> Result<Assets> {
     Ok(assets)
 }
 
+/// Where the lines a run prints go: stdout, or a suite's own handler (the
+/// test runner prefixes each line with the suite and times its tests).
+pub type Console<'a> = &'a (dyn Fn(&str) + Sync);
+
+/// A [`Console`] that prints each line to stdout as it comes.
+pub fn stdout_console(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
 /// One command to run in the test host.
 pub struct Run<'a> {
     /// A short name, for the run directory and messages.
@@ -142,6 +170,8 @@ pub struct Run<'a> {
     pub memory_mib: u64,
     /// Hang guard: the test host is killed after this long.
     pub timeout: Duration,
+    /// Where the test host's console lines go.
+    pub console: Console<'a>,
 }
 
 /// Boots the test host, runs the script, streams its console to stdout and
@@ -169,7 +199,8 @@ fn boot(assets: &Assets, run: &Run, dir: &Path) -> Result<bool> {
     // guests' second vCPU now and then (docs/testing.md has the evidence);
     // with one it has not. HEARTH_TESTHOST_CPUS=N overrides.
     let cpus = std::env::var("HEARTH_TESTHOST_CPUS").ok().and_then(|c| c.parse::<usize>().ok()).unwrap_or(1);
-    let mut child = cmd("qemu-system-x86_64")
+    let qemu = qemu();
+    let mut child = cmd(&qemu)
         .args(["-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm", "-smp", &cpus.to_string()])
         .args(["-m", &run.memory_mib.to_string()])
         .args(["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none", "-monitor", "none"])
@@ -195,14 +226,15 @@ fn boot(assets: &Assets, run: &Run, dir: &Path) -> Result<bool> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("starting qemu-system-x86_64 (run `cargo xtask setup`)")?;
+        .with_context(|| format!("starting {qemu} (run `cargo xtask setup`)"))?;
     // TCG lists each EPYC feature it does not emulate; those lines say
     // nothing about the run, everything else QEMU says is passed on.
     let stderr = child.stderr.take().unwrap();
+    let name = run.name.to_string();
     let noise = std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if !line.contains("TCG doesn't support requested feature") {
-                eprintln!("{line}");
+                eprintln!("[{name}] qemu: {line}");
             }
         }
     });
@@ -224,18 +256,19 @@ fn boot(assets: &Assets, run: &Run, dir: &Path) -> Result<bool> {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         })
     };
-    let mut out = std::io::stdout();
     for line in BufReader::new(child.stdout.take().unwrap()).split(b'\n') {
         let mut line = line?;
         line.retain(|b| *b != b'\r');
-        line.push(b'\n');
-        let _ = out.write_all(&line);
-        let _ = out.flush();
+        (run.console)(&String::from_utf8_lossy(&line));
     }
     let status = child.wait()?;
     let _ = noise.join();
     done.store(true, Ordering::Release);
     let _ = watchdog.join();
-    eprintln!("    test host {} ended after {:.1}s ({status})", run.name, started.elapsed().as_secs_f64());
+    (run.console)(&format!(
+        "    test host {} ended after {:.1}s ({status})",
+        run.name,
+        started.elapsed().as_secs_f64()
+    ));
     Ok(killed.load(Ordering::Acquire))
 }
