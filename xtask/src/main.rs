@@ -1,5 +1,6 @@
 //! hearth's project tasks. `cargo xtask --help` lists them.
 
+mod apt;
 mod artefacts;
 mod bench;
 mod bench_agent;
@@ -79,7 +80,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup => setup::run(),
-        Task::Kernel => setup::apt().and_then(|_| kernel::ensure()).map(|_| ()),
+        Task::Kernel => apt::ensure().and_then(|_| kernel::ensure()).map(|_| ()),
         Task::Test => testrun::run(),
         Task::E2e { suite, filter } => Artefacts::build().and_then(|a| e2e::run_one(&suite, filter.as_deref(), &a)),
         Task::Bench { name } => Artefacts::build().and_then(|a| bench::run(&name, &a)),
