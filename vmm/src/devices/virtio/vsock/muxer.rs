@@ -474,7 +474,7 @@ impl Muxer {
 
     fn guest_connect(&mut self, h: &Header, poller: &Poller) {
         let target = PathBuf::from(format!("{}_{}", self.path.display(), h.dst_port));
-        let stream = match UnixStream::connect(&target).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+        let stream = match connect_nonblocking(&target) {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(target = %target.display(), "vsock: guest connection refused: {e}");
@@ -591,6 +591,41 @@ impl Muxer {
         }
         None
     }
+}
+
+/// Connects to a host listener without ever blocking the worker: a Unix
+/// stream connect completes at once or, when the listener's backlog is
+/// full (a host process slow to accept, or a guest flooding it), fails with
+/// EAGAIN, where a blocking connect would wait, and stall every connection
+/// of the VM with it. So a guest-initiated connection is never half-open on
+/// our side: it is established or refused (RST) at once.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(ErrorKind::InvalidInput, "socket path too long"));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: socket() returns a new descriptor or -1; checked.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is ours alone from here; the stream closes it on any error.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    // SAFETY: addr is a valid sockaddr_un of at least `len` bytes.
+    let rc = unsafe { libc::connect(fd, std::ptr::addr_of!(addr).cast(), len) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 fn header(guest_cid: u64, c: &Conn, op: u16, flags: u32) -> Header {
@@ -756,6 +791,27 @@ mod tests {
         assert_eq!(r.mux.sweep(deadline, &r.poller), 1);
         assert_eq!(r.control_ops(), vec![OP_RST]);
         assert!(closed(&mut s));
+    }
+
+    #[test]
+    fn a_guest_connect_to_a_full_backlog_is_refused_not_blocked() {
+        // A cap above the backlog, so that the RST comes from the backlog.
+        let mut r = Rig::new(limits(100_000, 64));
+        // Nobody accepts on port 5000: fill its backlog.
+        let mut port = 1;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            loop {
+                r.guest(OP_REQUEST, port, 5000);
+                port += 1;
+                if r.control_ops().contains(&OP_RST) || port > 10_000 {
+                    break;
+                }
+            }
+            tx.send(port).unwrap();
+        });
+        let port = rx.recv_timeout(Duration::from_secs(20)).expect("a guest connect blocked the muxer");
+        assert!(port <= 10_000, "the backlog never filled");
     }
 
     #[test]
