@@ -79,16 +79,23 @@ where
                 warn_limited!(QUEUE_ERROR, "{device}: add_used: {e:?}");
             }
         }
-        if out.served >= budget {
+        let spent = out.served >= budget;
+        if spent && avail_index_is_sane(queue, mem) && has_available(queue, mem) {
             // Notifications stay disabled: we come back on our own.
-            out.more = avail_index_is_sane(queue, mem) && has_available(queue, mem);
+            out.more = true;
             break;
         }
         match queue.enable_notification(mem) {
             // More arrived meanwhile, unless the driver's available index is
             // more than a queue ahead: no chain can be popped from such a
             // ring, and going on would spin this thread forever.
-            Ok(true) if avail_index_is_sane(queue, mem) => continue,
+            Ok(true) if avail_index_is_sane(queue, mem) => {
+                if spent {
+                    out.more = true;
+                    break;
+                }
+                continue;
+            }
             Ok(true) => {
                 warn_limited!(
                     RUNAWAY,
@@ -195,5 +202,8 @@ pub(crate) mod tests {
         chains(&mock, 8);
         let d = drain_queue("test", &mut q, &m, 8, |_, _| 0);
         assert_eq!((d.served, d.more), (8, false));
+        // The driver must be asked to notify again, or the queue stalls.
+        let flags: u16 = m.read_obj(mock.used_addr()).unwrap();
+        assert_eq!(flags, 0, "VRING_USED_F_NO_NOTIFY left set");
     }
 }
