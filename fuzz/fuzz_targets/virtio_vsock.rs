@@ -41,7 +41,7 @@ use libfuzzer_sys::fuzz_target;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const GUEST_CID: u64 = 3;
@@ -119,6 +119,12 @@ fn run(mut u: Unstructured) -> Result<()> {
     let raw_avail = if u.arbitrary::<bool>()? { Some(u.arbitrary()?) } else { None };
     let payload = u.take_rest();
     let (tx, _) = b.finish(&mem, start, raw_avail, payload);
+    // The guest publishes its packets only after the host's CONNECT is read
+    // (any event makes the worker drain the transmit queue, so a RESPONSE
+    // published earlier would come before the REQUEST it answers).
+    let avail_idx_at = GuestAddress(mock.avail_addr().0 + 2);
+    let avail_idx: u16 = mem.read_obj(avail_idx_at).unwrap();
+    mem.write_obj(start, avail_idx_at).unwrap();
 
     // The receive queue: valid buffers for whatever the muxer sends.
     let rx_mock = MockSplitQueue::create(&mem, GuestAddress(RX_QUEUE), 64);
@@ -157,6 +163,7 @@ fn run(mut u: Unstructured) -> Result<()> {
         }
     }
     // The guest's notifies.
+    mem.write_obj(avail_idx, avail_idx_at).unwrap();
     tx_kick.write(1).unwrap();
     rx_kick.write(1).unwrap();
     // Host streams may stay readable while the guest has buffers and
