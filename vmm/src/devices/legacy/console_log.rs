@@ -6,9 +6,14 @@
 //! saying so. At most twice the cap is ever on disk, and the newest output
 //! (the part that explains a crash) is always kept.
 
+use crate::devices::ratelimit::LogLimit;
+use crate::warn_limited;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+
+/// Guest-triggerable warnings go through a rate limit (see ratelimit.rs).
+static ROTATE_WARN: LogLimit = LogLimit::new();
 
 /// Size at which the log is rotated.
 pub const MAX_BYTES: u64 = 32 << 20;
@@ -56,7 +61,11 @@ impl Write for ConsoleLog {
         if self.written.saturating_add(buf.len() as u64) > self.max && self.written > 0 {
             if let Err(e) = self.rotate() {
                 // Keep the cap even if rotating fails: drop the output.
-                tracing::error!("rotating the console log {}: {e}; console output dropped", self.path.display());
+                warn_limited!(
+                    ROTATE_WARN,
+                    "rotating the console log {}: {e}; console output dropped",
+                    self.path.display()
+                );
                 return Ok(buf.len());
             }
         }

@@ -44,6 +44,11 @@ use vmm_sys_util::eventfd::EventFd;
 use super::queue::{drain_queue, Drained, BUDGET};
 use super::worker::{self, DeviceWorker, Poller};
 use super::{Activation, Interrupt, VirtioDevice, WorkerHandle, TYPE_BALLOON};
+use crate::devices::ratelimit::LogLimit;
+use crate::warn_limited;
+
+/// Guest-triggerable warnings go through a rate limit (see ratelimit.rs).
+static DISCARD_WARN: LogLimit = LogLimit::new();
 
 /// The balloon's page size: PFNs are in units of 4 KiB whatever the guest's
 /// page size (VIRTIO_BALLOON_PFN_SHIFT).
@@ -284,7 +289,7 @@ impl<D: Discard> BalloonHandler<D> {
                 Ok(()) => done += n,
                 Err(e) => {
                     self.stats.failed += 1;
-                    tracing::warn!("virtio-balloon: discarding {n:#x} bytes of guest RAM: {e}");
+                    warn_limited!(DISCARD_WARN, "virtio-balloon: discarding {n:#x} bytes of guest RAM: {e}");
                 }
             }
         }

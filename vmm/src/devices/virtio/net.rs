@@ -300,7 +300,7 @@ impl<T: TapIo + AsRawFd> NetWorker<T> {
                 }
             };
             if let Err(e) = self.rx.add_used(&self.mem, head, used_len) {
-                tracing::warn!("virtio-net: rx add_used: {e:?}");
+                warn_limited!(RX_ERROR, "virtio-net: rx add_used: {e:?}");
             }
             used = true;
         }
