@@ -26,7 +26,6 @@ pub mod device_manager;
 pub mod devices;
 pub mod vstate;
 
-use std::fs::File;
 use std::io::Write;
 use std::os::fd::IntoRawFd;
 use std::os::unix::thread::JoinHandleExt;
@@ -136,8 +135,10 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
 
     let out: Box<dyn Write + Send> = match &config.console {
         Console::Stdout => Box::new(std::io::stdout()),
+        // Capped and rotated: the guest can print forever.
         Console::File(path) => Box::new(
-            File::create(path).map_err(|source| Error::ConsoleLog { path: path.display().to_string(), source })?,
+            devices::legacy::console_log::ConsoleLog::create(path)
+                .map_err(|source| Error::ConsoleLog { path: path.display().to_string(), source })?,
         ),
         Console::Off => Box::new(std::io::sink()),
     };

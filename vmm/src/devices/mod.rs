@@ -4,6 +4,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod ratelimit;
 pub mod virtio;
 
 use std::sync::mpsc::Sender;

@@ -2,6 +2,7 @@
 //! controller whose reset line is how the guest ends the VM.
 
 pub mod console;
+pub mod console_log;
 pub mod i8042;
 pub mod serial;
 

@@ -9,6 +9,11 @@ use vm_superio::Serial;
 use super::console::ConsoleSink;
 use super::IrqTrigger;
 use crate::devices::bus::BusDevice;
+use crate::devices::ratelimit::LogLimit;
+use crate::warn_limited;
+
+/// Guest-triggerable warnings go through a rate limit (see ratelimit.rs).
+static SERIAL_WARN: LogLimit = LogLimit::new();
 
 pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
@@ -42,7 +47,7 @@ impl BusDevice for SerialConsole {
     fn write(&self, offset: u64, data: &[u8]) {
         if let (1, Ok(off)) = (data.len(), u8::try_from(offset)) {
             if let Err(e) = self.0.lock().unwrap().write(off, data[0]) {
-                tracing::warn!("serial console: {e}");
+                warn_limited!(SERIAL_WARN, "serial console: {e}");
             }
         }
     }

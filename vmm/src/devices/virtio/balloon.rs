@@ -41,8 +41,14 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Gues
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::queue::{drain_queue, Drained, BUDGET};
 use super::worker::{self, DeviceWorker, Poller};
 use super::{Activation, Interrupt, VirtioDevice, WorkerHandle, TYPE_BALLOON};
+use crate::devices::ratelimit::LogLimit;
+use crate::warn_limited;
+
+/// Guest-triggerable warnings go through a rate limit (see ratelimit.rs).
+static DISCARD_WARN: LogLimit = LogLimit::new();
 
 /// The balloon's page size: PFNs are in units of 4 KiB whatever the guest's
 /// page size (VIRTIO_BALLOON_PFN_SHIFT).
@@ -283,7 +289,7 @@ impl<D: Discard> BalloonHandler<D> {
                 Ok(()) => done += n,
                 Err(e) => {
                     self.stats.failed += 1;
-                    tracing::warn!("virtio-balloon: discarding {n:#x} bytes of guest RAM: {e}");
+                    warn_limited!(DISCARD_WARN, "virtio-balloon: discarding {n:#x} bytes of guest RAM: {e}");
                 }
             }
         }
@@ -333,15 +339,15 @@ pub fn ram_pieces<M: GuestMemoryBackend>(
     Ok(pieces)
 }
 
-/// Serves every chain the driver made available on `queue` with `serve`
-/// (which returns the used length), as the worker does on each
-/// notification; returns whether the driver wants an interrupt.
-pub fn process_queue<M, F>(queue: &mut Queue, mem: &M, serve: F) -> bool
+/// Serves the chains the driver made available on `queue` with `serve`
+/// (which returns the used length), up to the per-wake budget, as the
+/// worker does on each notification.
+pub fn process_queue<M, F>(queue: &mut Queue, mem: &M, serve: F) -> Drained
 where
     M: GuestMemoryBackend,
     F: FnMut(&M, DescriptorChain<&M>) -> u32,
 {
-    super::queue::serve_queue("virtio-balloon", queue, mem, serve)
+    drain_queue("virtio-balloon", queue, mem, BUDGET, serve)
 }
 
 /// Configuration space: num_pages, actual, free_page_hint_cmd_id, poison_val
@@ -457,15 +463,16 @@ impl DeviceWorker for BalloonWorker {
         let (Some(event), Some(queue)) = (self.events.get(i), self.queues.get_mut(i)) else { return };
         let _ = event.read();
         let (handler, mem) = (&mut self.handler, &self.mem);
-        let notify = match i {
+        let drained = match i {
             INFLATE_QUEUE => process_queue(queue, mem, |m, c| handler.inflate(m, c)),
             DEFLATE_QUEUE => process_queue(queue, mem, |_, _| 0),
             REPORTING_QUEUE if self.reporting => process_queue(queue, mem, |m, c| handler.report(m, c)),
-            _ => false,
+            _ => Drained::default(),
         };
-        if notify {
+        if drained.notify {
             self.interrupt.signal_used();
         }
+        drained.renotify(event);
         let stats = self.handler.stats;
         if stats.discarded_bytes >= self.logged_bytes + (64 << 20) {
             self.logged_bytes = stats.discarded_bytes;
@@ -658,7 +665,7 @@ mod tests {
         q.add_desc_chains(&raw, 0).unwrap();
         let mut queue: Queue = q.create_queue().unwrap();
         let mut h = handler();
-        assert!(process_queue(&mut queue, &m, |m, c| h.report(m, c)));
+        assert!(process_queue(&mut queue, &m, |m, c| h.report(m, c)).notify);
         assert_eq!(h.discard.0, vec![(0x1000, 0x1000), (0x3000, 0x2000)]);
         assert_eq!(q.used().idx().load(), 2);
 

@@ -20,6 +20,7 @@ use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
+use super::queue::{drain_queue, Drained, BUDGET};
 use super::worker::{self, DeviceWorker, Poller};
 use super::{Activation, VirtioDevice, WorkerHandle, TYPE_BLOCK};
 
@@ -250,16 +251,18 @@ struct BlockWorker {
 
 impl BlockWorker {
     fn process_queue(&mut self) {
-        if process_queue(&mut self.handler, &mut self.queue, &self.mem) {
+        let drained = process_queue(&mut self.handler, &mut self.queue, &self.mem);
+        if drained.notify {
             self.interrupt.signal_used();
         }
+        drained.renotify(&self.event);
     }
 }
 
-/// Serves every request the driver made available on `queue`, as the worker
-/// does on each notification; returns whether the driver wants an interrupt.
-pub fn process_queue<D: Disk, M: GuestMemory>(handler: &mut RequestHandler<D>, queue: &mut Queue, mem: &M) -> bool {
-    super::queue::serve_queue("virtio-blk", queue, mem, |m, chain| handler.handle(m, chain))
+/// Serves the requests the driver made available on `queue` (up to the
+/// per-wake budget), as the worker does on each notification.
+pub fn process_queue<D: Disk, M: GuestMemory>(handler: &mut RequestHandler<D>, queue: &mut Queue, mem: &M) -> Drained {
+    drain_queue("virtio-blk", queue, mem, BUDGET, |m, chain| handler.handle(m, chain))
 }
 
 impl DeviceWorker for BlockWorker {

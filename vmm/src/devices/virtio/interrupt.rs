@@ -4,7 +4,12 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::devices::ratelimit::LogLimit;
+use crate::warn_limited;
 use vmm_sys_util::eventfd::EventFd;
+
+/// Guest-triggerable warnings go through a rate limit (see ratelimit.rs).
+static IRQ_WARN: LogLimit = LogLimit::new();
 
 pub const INT_USED_RING: u32 = 1;
 pub const INT_CONFIG: u32 = 2;
@@ -26,7 +31,7 @@ impl Interrupt {
     fn raise(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
         if let Err(e) = self.irqfd.write(1) {
-            tracing::warn!("virtio interrupt: {e}");
+            warn_limited!(IRQ_WARN, "virtio interrupt: {e}");
         }
     }
 

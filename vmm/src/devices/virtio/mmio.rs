@@ -12,6 +12,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{Activation, Interrupt, VirtioDevice, WorkerHandle, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
+use crate::devices::ratelimit::LogLimit;
+use crate::warn_limited;
+
+/// Guest-triggerable warnings go through a rate limit (see ratelimit.rs).
+static FEATURES_WARN: LogLimit = LogLimit::new();
 
 /// Size of one device's MMIO window.
 pub const MMIO_WINDOW: u64 = 0x1000;
@@ -163,7 +168,8 @@ impl MmioTransport {
         if value & STATUS_FEATURES_OK != 0 && s.status & STATUS_FEATURES_OK == 0 {
             let offered = Self::offered_features(s);
             if s.driver_features & !offered != 0 || s.driver_features & VIRTIO_F_VERSION_1 == 0 {
-                tracing::warn!(
+                warn_limited!(
+                    FEATURES_WARN,
                     device = self.device_type,
                     driver = s.driver_features,
                     offered,

@@ -48,10 +48,13 @@ use vm_memory::{GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::queue::{avail_index_is_sane, drain_queue, BUDGET};
 use super::tap::{Tap, TapIo};
 use super::worker::{self, DeviceWorker, Poller};
 use super::{Activation, Interrupt, VirtioDevice, WorkerHandle, TYPE_NET};
 use crate::config::NetConfig;
+use crate::devices::ratelimit::LogLimit;
+use crate::warn_limited;
 
 pub const QUEUE_SIZE: u16 = 256;
 pub const RX_QUEUE: usize = 0;
@@ -70,9 +73,12 @@ pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const VIRTIO_NET_S_LINK_UP: u16 = 1;
 
-/// Frames (or transmit chains) handled per wake-up before giving the other
-/// direction a turn.
-const BUDGET: usize = 256;
+/// Frames received per wake-up before giving the other direction a turn
+/// (transmit uses the shared loop's budget, [`BUDGET`], too).
+const RX_BUDGET: usize = BUDGET;
+
+static RX_RUNAWAY: LogLimit = LogLimit::new();
+static RX_ERROR: LogLimit = LogLimit::new();
 
 const TOKEN_RX: u64 = 0;
 const TOKEN_TX: u64 = 1;
@@ -235,7 +241,7 @@ impl<T: TapIo + AsRawFd> NetWorker<T> {
             return;
         }
         let mut used = false;
-        for _ in 0..BUDGET {
+        for _ in 0..RX_BUDGET {
             let len = match self.pending {
                 Some(len) => len,
                 None => match self.tap.read_frame(&mut self.rx_frame) {
@@ -260,12 +266,17 @@ impl<T: TapIo + AsRawFd> NetWorker<T> {
                 // Out of buffers: ask the guest to notify when it adds some,
                 // unless some arrived meanwhile.
                 match self.rx.enable_notification(&self.mem) {
-                    Ok(true) => {
+                    // More buffers arrived meanwhile, unless the index ran
+                    // away (then nothing pops: stop rather than spin).
+                    Ok(true) if avail_index_is_sane(&self.rx, &self.mem) => {
                         let _ = self.rx.disable_notification(&self.mem);
                         continue;
                     }
+                    Ok(true) => {
+                        warn_limited!(RX_RUNAWAY, "virtio-net: the rx available index is more than a queue ahead")
+                    }
                     Ok(false) => {}
-                    Err(e) => tracing::warn!("virtio-net: rx queue: {e:?}"),
+                    Err(e) => warn_limited!(RX_ERROR, "virtio-net: rx queue: {e:?}"),
                 }
                 self.tap_wanted = false;
                 break;
@@ -289,7 +300,7 @@ impl<T: TapIo + AsRawFd> NetWorker<T> {
                 }
             };
             if let Err(e) = self.rx.add_used(&self.mem, head, used_len) {
-                tracing::warn!("virtio-net: rx add_used: {e:?}");
+                warn_limited!(RX_ERROR, "virtio-net: rx add_used: {e:?}");
             }
             used = true;
         }
@@ -299,49 +310,24 @@ impl<T: TapIo + AsRawFd> NetWorker<T> {
     }
 
     fn process_tx(&mut self) {
-        if !self.tx.ready() {
-            return;
-        }
-        let mut used = false;
-        let mut budget = BUDGET;
-        'outer: loop {
-            if let Err(e) = self.tx.disable_notification(&self.mem) {
-                tracing::warn!("virtio-net: tx queue: {e:?}");
-                break;
-            }
-            while let Some(chain) = self.tx.pop_descriptor_chain(&self.mem) {
-                let head = chain.head_index();
-                match gather_frame(&self.mem, chain, &mut self.tx_frame) {
-                    Ok(()) => {
-                        if let Err(e) = self.tap.write_frame(&self.tx_frame) {
-                            tracing::debug!("virtio-net: writing to the tap: {e}; frame dropped");
-                        }
+        // The shared loop: runaway-index guard and per-wake budget; what the
+        // budget leaves is served on the self-notify (`renotify`).
+        let (tap, frame) = (&mut self.tap, &mut self.tx_frame);
+        let drained = drain_queue("virtio-net tx", &mut self.tx, &self.mem, BUDGET, |m, chain| {
+            match gather_frame(m, chain, frame) {
+                Ok(()) => {
+                    if let Err(e) = tap.write_frame(frame) {
+                        tracing::debug!("virtio-net: writing to the tap: {e}; frame dropped");
                     }
-                    Err(e) => tracing::debug!("virtio-net: transmit chain dropped: {e:?}"),
                 }
-                if let Err(e) = self.tx.add_used(&self.mem, head, 0) {
-                    tracing::warn!("virtio-net: tx add_used: {e:?}");
-                }
-                used = true;
-                budget -= 1;
-                if budget == 0 {
-                    // Come back after the other events: notify ourselves.
-                    let _ = self.tx_event.write(1);
-                    break 'outer;
-                }
+                Err(e) => tracing::debug!("virtio-net: transmit chain dropped: {e:?}"),
             }
-            match self.tx.enable_notification(&self.mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    tracing::warn!("virtio-net: tx queue: {e:?}");
-                    break;
-                }
-            }
-        }
-        if used && self.tx.needs_notification(&self.mem).unwrap_or(true) {
+            0
+        });
+        if drained.notify {
             self.interrupt.signal_used();
         }
+        drained.renotify(&self.tx_event);
     }
 
     /// Adds or removes the tap from the poller to match [`Self::wants_tap`].
@@ -702,6 +688,37 @@ mod tests {
         }
         assert_eq!(sent, n as usize);
         assert!(r.worker.tx_event.read().is_err(), "no more self-notify");
+    }
+
+    #[test]
+    fn tx_runaway_available_index_returns_without_spinning() {
+        let r = Rig::new();
+        r.add(TXQ, 0, &[descriptor(BUF, 74, false, None)]);
+        crate::devices::virtio::queue::tests::set_avail_idx(r.mem, &r.txq, 1 + QSIZE + 1);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut worker = r.worker;
+        std::thread::spawn(move || {
+            worker.on_tx_notify();
+            tx.send(worker.tx_event.read().is_err()).unwrap();
+        });
+        let done = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(done, Ok(true), "on_tx_notify returns and does not re-notify itself");
+    }
+
+    #[test]
+    fn rx_runaway_available_index_returns_without_spinning() {
+        let r = Rig::new();
+        crate::devices::virtio::queue::tests::set_avail_idx(r.mem, &r.rxq, QSIZE + 5);
+        r.host.send(&frame(60, 1)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut worker = r.worker;
+        let host = r.host;
+        std::thread::spawn(move || {
+            worker.on_tap_ready(EventSet::IN);
+            tx.send(()).unwrap();
+            drop(host);
+        });
+        assert!(rx.recv_timeout(std::time::Duration::from_secs(10)).is_ok(), "rx spins");
     }
 
     #[test]

@@ -33,6 +33,19 @@ impl Poller {
     pub fn remove(&self, fd: RawFd) -> std::io::Result<()> {
         self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())
     }
+
+    /// Waits up to `timeout_ms` for ready descriptors and hands each to
+    /// `worker`, as the device thread does: for fuzz targets and tests that
+    /// run a worker's real event handling on their own thread. Returns the
+    /// number of events handled.
+    pub fn dispatch<W: DeviceWorker>(&self, worker: &mut W, timeout_ms: i32) -> std::io::Result<usize> {
+        let mut events = [EpollEvent::default(); 32];
+        let n = self.epoll.wait(timeout_ms, &mut events)?;
+        for ev in &events[..n] {
+            worker.handle(ev.data(), ev.event_set(), self);
+        }
+        Ok(n)
+    }
 }
 
 /// What a device does on its thread.
