@@ -343,7 +343,22 @@ impl Service {
     fn watch_oom(&self, vm: Arc<Vm>) {
         let me = self.clone();
         std::thread::spawn(move || {
+            let mut ignored = 0u64;
             while let Ok(ev) = vm.agent.get_oom_event(ttrpc::context::with_timeout(0), &pb::Empty::new()) {
+                // The guest names the container: only one of ours, in this
+                // VM, gets an event; anything else is the guest's word alone
+                // (logged at 1, 2, 4, 8... so that a guest cannot flood the log).
+                let ours = me.containers().get(&ev.container_id).is_some_and(|c| c.vm_boot_id == vm.boot_id);
+                if !ours {
+                    ignored += 1;
+                    if ignored.is_power_of_two() {
+                        log::warn!(
+                            "the agent reported an OOM kill in {:?}, no container of this VM; ignored ({ignored} so far)",
+                            ev.container_id
+                        );
+                    }
+                    continue;
+                }
                 me.publish(
                     TASK_OOM_EVENT_TOPIC,
                     Box::new(TaskOOM { container_id: ev.container_id, ..Default::default() }),
