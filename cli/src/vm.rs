@@ -39,6 +39,26 @@ pub fn status(cfg: &Config) -> Result<Option<Status>> {
     Ok(Some(Status { record, health, containers }))
 }
 
+/// A string the guest reported, fit for a terminal: control characters
+/// (escape sequences that could rewrite the screen or the window title)
+/// shown as `\u{..}` escapes, and at most 128 characters kept.
+fn guest_text(s: &str) -> String {
+    const MAX: usize = 128;
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == MAX {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn mib(bytes: u64) -> u64 {
     bytes >> 20
 }
@@ -70,12 +90,12 @@ impl Status {
             r.vmm_pid,
             r.shim_pid,
             duration(h.uptime_millis),
-            h.kernel_release,
+            guest_text(&h.kernel_release),
             mib(h.memory_total_bytes),
             mib(h.memory_available_bytes),
             r.memory_mib,
             h.cpus,
-            h.boot_id,
+            guest_text(&h.boot_id),
             r.console.display(),
         );
         out.push_str(&format!("containers: {}\n", self.containers.len()));
@@ -88,7 +108,8 @@ impl Status {
                 ContainerStatus::UNKNOWN => "unknown",
             };
             let execs = c.processes.iter().filter(|p| !p.exited).count();
-            out.push_str(&format!("  {:<20} {state:<8} pid {:<6} {execs} exec'd\n", c.container_id, c.pid));
+            let id = guest_text(&c.container_id);
+            out.push_str(&format!("  {id:<20} {state:<8} pid {:<6} {execs} exec'd\n", c.pid));
         }
         out
     }
@@ -150,5 +171,16 @@ mod tests {
         assert_eq!(duration(1500), "1.5s");
         assert_eq!(duration(61_000), "1m01s");
         assert_eq!(duration(7_260_000), "2h01m");
+    }
+
+    #[test]
+    fn guest_strings_cannot_drive_the_terminal() {
+        // A window-title escape and a screen clear, as a hostile agent could report them.
+        let shown = guest_text("6.12\x1b]0;pwned\x07\x1b[2J\r\n");
+        assert!(!shown.chars().any(|c| c.is_control()), "{shown:?}");
+        assert!(shown.starts_with("6.12\\u{1b}]0;pwned"), "{shown:?}");
+        assert_eq!(guest_text("6.12.118-hearth"), "6.12.118-hearth");
+        let long = guest_text(&"x".repeat(10_000));
+        assert_eq!(long.len(), 128 + 3);
     }
 }
