@@ -16,6 +16,13 @@ pub struct HostBind {
     pub source: PathBuf,
     /// Where to bind it, relative to the shared directory.
     pub in_share: PathBuf,
+    /// `rbind`: the mounts beneath the source come along; a plain `bind`
+    /// binds the source alone.
+    pub recursive: bool,
+    /// `ro`: the bind in the share is read-only on the host too, so that
+    /// root in the guest, which can reach the share directly, cannot write
+    /// through it either.
+    pub readonly: bool,
 }
 
 fn is_bind(kind: Option<&str>, options: &[String]) -> bool {
@@ -40,7 +47,10 @@ pub fn for_guest(spec: &mut Spec, id: &str, guest_shared: &Path) -> Vec<HostBind
                 if is_bind(m.typ().as_deref(), &options) && src.is_absolute() {
                     let in_share = PathBuf::from(id).join("mounts").join(i.to_string());
                     m.set_source(Some(guest_shared.join(&in_share)));
-                    binds.push(HostBind { source: src, in_share });
+                    let recursive = options.iter().any(|o| o == "rbind");
+                    // The last of ro and rw wins, as in mount(8).
+                    let readonly = options.iter().rev().find(|o| *o == "ro" || *o == "rw").is_some_and(|o| o == "ro");
+                    binds.push(HostBind { source: src, in_share, recursive, readonly });
                 }
             }
             out.push(m);
@@ -77,7 +87,8 @@ mod tests {
             "mounts": [
                 {"destination": "/proc", "type": "proc", "source": "proc"},
                 {"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind", "ro"]},
-                {"destination": "/etc/hosts", "source": "/var/lib/x/hosts", "options": ["bind"]}
+                {"destination": "/etc/hosts", "source": "/var/lib/x/hosts", "options": ["bind"]},
+                {"destination": "/cfg", "type": "bind", "source": "/etc/x", "options": ["ro", "bind", "rw"]}
             ],
             "hooks": {"prestart": [{"path": "/usr/bin/hook"}]},
             "linux": {"namespaces": [{"type": "network", "path": "/var/run/netns/cni-1"}, {"type": "pid"}]}
@@ -87,8 +98,19 @@ mod tests {
         assert_eq!(
             binds,
             vec![
-                HostBind { source: "/srv/data".into(), in_share: "c1/mounts/1".into() },
-                HostBind { source: "/var/lib/x/hosts".into(), in_share: "c1/mounts/2".into() },
+                HostBind {
+                    source: "/srv/data".into(),
+                    in_share: "c1/mounts/1".into(),
+                    recursive: true,
+                    readonly: true
+                },
+                HostBind {
+                    source: "/var/lib/x/hosts".into(),
+                    in_share: "c1/mounts/2".into(),
+                    recursive: false,
+                    readonly: false
+                },
+                HostBind { source: "/etc/x".into(), in_share: "c1/mounts/3".into(), recursive: false, readonly: false },
             ]
         );
         let mounts = spec.mounts().as_ref().unwrap();

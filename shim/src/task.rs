@@ -7,6 +7,7 @@
 //! the output has reached containerd.
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -26,7 +27,7 @@ use containerd_shim::protos::topics::*;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
 use hearth_agent_protocol::agent as pb;
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{umount2, MntFlags};
 
 use crate::config::Config;
 use crate::io::{self, ProcessIo, StdioPaths};
@@ -407,20 +408,77 @@ impl Service {
         });
     }
 
-    /// Binds `source` at `target` (a file or a directory), creating it.
-    fn bind(source: &Path, target: &Path, recursive: bool) -> anyhow::Result<()> {
+    /// Binds `source` at `target` (a file or a directory), creating it:
+    /// with the mounts beneath it when `recursive` (rbind), and read-only on
+    /// the host, submounts included, when `readonly`.
+    ///
+    /// The bind is made detached (open_tree), set read-only there
+    /// (mount_setattr) and only then moved into place (move_mount): a bind
+    /// made in place and remounted read-only afterwards would already have
+    /// propagated, writable, into virtiofsd's mount namespace, and the
+    /// guest would write through that copy.
+    fn bind(source: &Path, target: &Path, recursive: bool, readonly: bool) -> anyhow::Result<()> {
         if source.is_dir() {
             std::fs::create_dir_all(target)?;
         } else {
             std::fs::create_dir_all(target.parent().unwrap())?;
             std::fs::File::create(target)?;
         }
-        let mut flags = MsFlags::MS_BIND;
+        let what = || format!("binding {} at {}", source.display(), target.display());
+        let cstr = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes());
+        let (src, dst, empty) = (cstr(source)?, cstr(target)?, std::ffi::CString::default());
+        let check = |rc: libc::c_long, step: &str| -> anyhow::Result<libc::c_long> {
+            if rc < 0 {
+                anyhow::bail!("{} ({step}): {}", what(), std::io::Error::last_os_error());
+            }
+            Ok(rc)
+        };
+        const OPEN_TREE_CLONE: libc::c_uint = 1;
+        const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+        let mut flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
         if recursive {
-            flags |= MsFlags::MS_REC;
+            flags |= libc::AT_RECURSIVE as libc::c_uint;
         }
-        mount(Some(source), target, None::<&str>, flags, None::<&str>)
-            .map_err(|e| anyhow::anyhow!("binding {} at {}: {e}", source.display(), target.display()))
+        // SAFETY: NUL-terminated paths that outlive each call; the fd is
+        // ours and closed below.
+        let fd =
+            check(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, src.as_ptr(), flags) }, "open_tree")?;
+        // SAFETY: as above; the fd is owned from here on.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        if readonly {
+            let attr =
+                libc::mount_attr { attr_set: libc::MOUNT_ATTR_RDONLY, attr_clr: 0, propagation: 0, userns_fd: 0 };
+            // SAFETY: the detached tree's fd, an empty path, and an
+            // attribute block of its true size that outlives the call.
+            check(
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_mount_setattr,
+                        fd.as_raw_fd(),
+                        empty.as_ptr(),
+                        libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+                        &attr as *const libc::mount_attr,
+                        std::mem::size_of::<libc::mount_attr>(),
+                    )
+                },
+                "mount_setattr read-only",
+            )?;
+        }
+        // SAFETY: the detached tree's fd and NUL-terminated paths.
+        check(
+            unsafe {
+                libc::syscall(
+                    libc::SYS_move_mount,
+                    fd.as_raw_fd(),
+                    empty.as_ptr(),
+                    libc::AT_FDCWD,
+                    dst.as_ptr(),
+                    MOVE_MOUNT_F_EMPTY_PATH,
+                )
+            },
+            "move_mount",
+        )?;
+        Ok(())
     }
 
     fn undo_mounts(mounts: &[PathBuf]) {
@@ -454,11 +512,11 @@ impl Service {
                 None => host_root.clone(),
             };
             let share_root = vm.roots.join(&req.id).join("rootfs");
-            Self::bind(&root, &share_root, true)?;
+            Self::bind(&root, &share_root, true, false)?;
             mounts.push(share_root);
             for b in hearth_oci::translate::for_guest(&mut spec, &req.id, Path::new(vm::GUEST_SHARED)) {
                 let target = vm.shared.join(&b.in_share);
-                Self::bind(&b.source, &target, true)?;
+                Self::bind(&b.source, &target, b.recursive, b.readonly)?;
                 mounts.push(target);
             }
             let paths = StdioPaths {

@@ -278,3 +278,69 @@ fn per_pod_vms_through_a_runtime_config_path() {
         std::fs::read_dir(&c.vms).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     assert!(vm_dirs.is_empty(), "VM state left: {vm_dirs:?}");
 }
+
+/// A tmpfs mounted on the host for a test, unmounted however the test ends.
+struct HostTmpfs(std::path::PathBuf);
+
+impl HostTmpfs {
+    fn mount(at: &std::path::Path) -> HostTmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        hearth_e2e::host(Command::new("mount").args(["-t", "tmpfs", "tmpfs"]).arg(at));
+        HostTmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for HostTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Read-only binds hold on the host side: root in a privileged container
+/// remounts its read-only volume read-write inside the guest, and still
+/// cannot write through it to the host files. `rbind` brings the source's submounts along; a plain `bind` does
+/// not (as with runc).
+#[test]
+fn read_only_binds_hold_on_the_host_against_a_privileged_guest() {
+    let env = Env::get();
+    let scratch = Scratch::new("containerd-ro");
+    let c = Containerd::start(&env, &scratch, 3);
+    let (ro, plain) = (scratch.path("ro-src"), scratch.path("plain-src"));
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::write(ro.join("keep.txt"), "from the host\n").unwrap();
+    let _ro_sub = HostTmpfs::mount(&ro.join("sub"));
+    std::fs::write(ro.join("sub/inner.txt"), "inner from the host\n").unwrap();
+    let _plain_sub = HostTmpfs::mount(&plain.join("sub"));
+    std::fs::write(plain.join("sub/hidden.txt"), "a submount\n").unwrap();
+
+    let ro_mount = format!("type=bind,src={},dst=/ro,options=rbind:ro", ro.display());
+    let plain_mount = format!("type=bind,src={},dst=/plain,options=bind:rw", plain.display());
+    // Root in the container first makes its own mounts writable again (it
+    // may: they are its mounts), then writes through them.
+    let script = "echo x 2>/dev/null > /ro/keep.txt && echo GUEST-RO-WRITABLE; \
+                  mount -o remount,bind,rw /ro || echo NO-REMOUNT; mount -o remount,bind,rw /ro/sub; \
+                  grep -q ' /ro virtiofs rw' /proc/mounts && echo RO-NOW-RW; \
+                  for f in /ro/keep.txt /ro/sub/inner.txt; do \
+                    echo TRIED; \
+                    (echo pwned > \"$f\") 2>/dev/null && echo WROTE $f; \
+                    touch \"$f.new\" 2>/dev/null && echo CREATED $f.new; \
+                  done; \
+                  echo PLAIN-SUB: $(ls /plain/sub); cat /ro/sub/inner.txt";
+    let o = c.run("ro-binds", &["--privileged", "--mount", &ro_mount, "--mount", &plain_mount], &["sh", "-c", script]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        !out.contains("NO-REMOUNT") && out.contains("RO-NOW-RW"),
+        "the guest could not make its mounts writable, so nothing was tried: {out}"
+    );
+    assert_eq!(out.matches("TRIED").count(), 2, "{out}");
+    assert!(!out.contains("WROTE") && !out.contains("CREATED"), "the guest wrote through a read-only bind: {out}");
+    assert!(!out.contains("GUEST-RO-WRITABLE"), "{out}");
+    assert!(out.contains("PLAIN-SUB:\n"), "a plain bind brought a submount along: {out}");
+    assert!(out.contains("inner from the host"), "rbind did not bring the submount: {out}");
+    assert_eq!(std::fs::read_to_string(ro.join("keep.txt")).unwrap(), "from the host\n");
+    assert_eq!(std::fs::read_to_string(ro.join("sub/inner.txt")).unwrap(), "inner from the host\n");
+    let left: Vec<_> = std::fs::read_dir(&ro).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(left.len(), 2, "files appeared in the read-only source: {left:?}");
+    wait_until("the VM idled out", Duration::from_secs(120), || c.vmm_pids().is_empty());
+}
