@@ -25,14 +25,12 @@
 
 #![no_main]
 
-use std::io;
-use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 
 use hearth_fuzz::chains::*;
 use hearth_vmm::devices::virtio::net::{NetWorker, MAX_FRAME};
-use hearth_vmm::devices::virtio::tap::TapIo;
+use hearth_vmm::devices::virtio::tap::DatagramTap;
 use hearth_vmm::devices::virtio::worker::{DeviceWorker, Poller};
 use hearth_vmm::devices::virtio::Interrupt;
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
@@ -45,21 +43,6 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 /// Where the other (valid, empty) queue lives, clear of the fuzzed one.
 const OTHER_QUEUE: u64 = 0xf0000;
 
-/// The tap stand-in: one datagram is one frame, like a tap.
-struct FakeTap(UnixDatagram);
-impl TapIo for FakeTap {
-    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.recv(buf)
-    }
-    fn write_frame(&mut self, frame: &[u8]) -> io::Result<()> {
-        self.0.send(frame).map(|_| ())
-    }
-}
-impl AsRawFd for FakeTap {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     let _ = run(Unstructured::new(data));
@@ -118,7 +101,7 @@ fn run(mut u: Unstructured) -> Result<()> {
     let tx_event = EventFd::new(EFD_NONBLOCK).unwrap();
     let (rx_kick, tx_kick) = (rx_event.try_clone().unwrap(), tx_event.try_clone().unwrap());
     let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-    let mut worker = NetWorker::new(FakeTap(guest), mem.clone(), rxq, txq, rx_event, tx_event, interrupt);
+    let mut worker = NetWorker::new(DatagramTap(guest), mem.clone(), rxq, txq, rx_event, tx_event, interrupt);
     let poller = Poller::new().unwrap();
     worker.init(&poller).unwrap();
 

@@ -428,22 +428,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
-    /// One end of a datagram socketpair stands in for the tap: one datagram
-    /// is one frame, like a tap.
-    struct FakeTap(UnixDatagram);
-    impl TapIo for FakeTap {
-        fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.0.recv(buf)
-        }
-        fn write_frame(&mut self, frame: &[u8]) -> io::Result<()> {
-            self.0.send(frame).map(|_| ())
-        }
-    }
-    impl AsRawFd for FakeTap {
-        fn as_raw_fd(&self) -> RawFd {
-            self.0.as_raw_fd()
-        }
-    }
+    use crate::devices::virtio::tap::DatagramTap;
 
     /// Queues of 512 entries, more than the per-wake-up budget.
     const QSIZE: u16 = 512;
@@ -458,7 +443,7 @@ mod tests {
         mem: &'static GuestMemoryMmap,
         rxq: MockSplitQueue<'static, GuestMemoryMmap>,
         txq: MockSplitQueue<'static, GuestMemoryMmap>,
-        worker: NetWorker<FakeTap>,
+        worker: NetWorker<DatagramTap>,
         /// The host side of the fake tap.
         host: UnixDatagram,
     }
@@ -474,7 +459,7 @@ mod tests {
             host.set_nonblocking(true).unwrap();
             let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
             let worker = NetWorker::new(
-                FakeTap(guest),
+                DatagramTap(guest),
                 mem.clone(),
                 rxq.create_queue().unwrap(),
                 txq.create_queue().unwrap(),
