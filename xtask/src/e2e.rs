@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::artefacts::{quote, Artefacts};
-use crate::place::{self, Step};
+use crate::place;
 use crate::sh::cmd;
 use crate::{paths, testhost};
 
@@ -148,7 +148,7 @@ pub fn run(
         // Native suites need no VM: on this machine, as root, whatever KVM is.
         place::run_here(&script, artefacts, &marks)
     } else {
-        let step = Step {
+        let step = testhost::Run {
             name: &format!("e2e-{suite}"),
             script,
             memory_mib,

@@ -9,34 +9,17 @@ use anyhow::{bail, Context, Result};
 use crate::artefacts::{quote, Artefacts};
 use crate::testhost::{self, Console, Place};
 
-/// A shell script to run with the artefacts' environment.
-pub struct Step<'a> {
-    pub name: &'a str,
-    pub script: String,
-    /// The test host's memory, where the step runs in one.
-    pub memory_mib: u64,
-    /// Hang guard of the test host.
-    pub timeout: Duration,
-    /// Where its output lines go (stdout and stderr alike).
-    pub console: Console<'a>,
-}
-
-/// Runs `step` directly or in the test host and returns its exit status.
-pub fn run_script(artefacts: &Artefacts, step: Step) -> Result<i32> {
+/// Runs `step`'s script with the artefacts' environment, directly or in
+/// the test host (whose memory and hang guard it gives), and returns its
+/// exit status.
+pub fn run_script(artefacts: &Artefacts, step: testhost::Run) -> Result<i32> {
     let place = testhost::place();
     (step.console)(&format!("==> {}: running {}", step.name, testhost::describe(place)));
     match place {
         Place::Direct => run_here(&step.script, artefacts, step.console),
         Place::TestHost => {
             let script = format!("{}{}", artefacts.shell_exports(), step.script);
-            let run = testhost::Run {
-                name: step.name,
-                script,
-                memory_mib: step.memory_mib,
-                timeout: step.timeout,
-                console: step.console,
-            };
-            testhost::run(testhost::assets()?, &run)
+            testhost::run(testhost::assets()?, &testhost::Run { script, ..step })
         }
     }
 }
@@ -63,7 +46,7 @@ pub fn run_here(script: &str, artefacts: &Artefacts, console: Console) -> Result
 pub fn run_ok(name: &str, artefacts: &Artefacts, argv: &[String], memory_mib: u64, timeout: Duration) -> Result<()> {
     let line: Vec<String> = argv.iter().map(|a| quote(a)).collect();
     let script = format!("exec {}\n", line.join(" "));
-    let step = Step { name, script, memory_mib, timeout, console: &testhost::stdout_console };
+    let step = testhost::Run { name, script, memory_mib, timeout, console: &testhost::stdout_console };
     let code = run_script(artefacts, step)?;
     if code != 0 {
         bail!("{name} failed (exit status {code})");
