@@ -28,14 +28,14 @@ pub const BUDGET_SECS: f64 = 3600.0;
 /// Each job's expected seconds in the test host (measured, docs/testing.md):
 /// lanes take the longest first, so that the long suites do not start last.
 const EXPECTED_SECS: &[(&str, u64)] = &[
-    ("distro", 1500),
-    ("unit", 400),
-    ("fuzz", 300),
-    ("containerd", 140),
-    ("devices", 90),
-    ("agent", 25),
-    ("agent-native", 20),
-    ("boot", 15),
+    ("distro", 560),
+    ("fuzz", 290),
+    ("containerd", 170),
+    ("unit", 110),
+    ("devices", 95),
+    ("agent", 27),
+    ("boot", 19),
+    ("agent-native", 3),
 ];
 
 fn expected(job: &str) -> u64 {
