@@ -15,6 +15,7 @@
 //! connects to one started by someone else.
 
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -88,6 +89,8 @@ pub enum Error {
     NoDir(PathBuf),
     #[error("starting virtiofsd ({path}): {source}")]
     Spawn { path: PathBuf, source: std::io::Error },
+    #[error("making a private directory for virtiofsd's socket: {0}")]
+    SocketDir(std::io::Error),
     #[error("virtiofsd did not create its socket {0} in time (its messages are above)")]
     NoSocket(PathBuf),
     #[error("vhost-user with virtiofsd at {socket}: {what}: {source}")]
@@ -123,9 +126,10 @@ impl Fs {
                 if !dir.is_dir() {
                     return Err(Error::NoDir(dir.clone()));
                 }
-                let socket =
-                    std::env::temp_dir().join(format!("hearth-virtiofsd-{}-{}.sock", std::process::id(), config.tag));
-                let _ = std::fs::remove_file(&socket);
+                // In a directory of our own (mkdtemp: an unpredictable name,
+                // mode 0700), never at a predictable name in /tmp where
+                // another user could squat on it or plant a symlink.
+                let socket = private_dir()?.join("virtiofsd.sock");
                 let path = find_virtiofsd().ok_or(Error::NoVirtiofsd)?;
                 let mut cmd = Command::new(&path);
                 cmd.arg(format!("--socket-path={}", socket.display()))
@@ -263,8 +267,26 @@ impl Drop for Fs {
             let _ = c.kill();
             let _ = c.wait();
             let _ = std::fs::remove_file(&self.socket);
+            if let Some(dir) = self.socket.parent() {
+                let _ = std::fs::remove_dir(dir);
+            }
         }
     }
+}
+
+/// A fresh directory only we can enter, under the temporary directory.
+fn private_dir() -> Result<PathBuf, Error> {
+    let template = std::env::temp_dir().join("hearth-virtiofsd-XXXXXX");
+    let mut bytes = std::ffi::CString::new(template.into_os_string().into_encoded_bytes())
+        .expect("a temporary directory path has no NUL")
+        .into_bytes_with_nul();
+    // SAFETY: a writable NUL-terminated template that outlives the call.
+    let made = unsafe { libc::mkdtemp(bytes.as_mut_ptr().cast()) };
+    if made.is_null() {
+        return Err(Error::SocketDir(std::io::Error::last_os_error()));
+    }
+    bytes.pop();
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(bytes)))
 }
 
 impl VirtioDevice for Fs {
@@ -313,6 +335,19 @@ impl DeviceWorker for CallRelay {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_socket_directory_is_private_and_unpredictable() {
+        use std::os::unix::fs::PermissionsExt;
+        let (a, b) = (private_dir().unwrap(), private_dir().unwrap());
+        assert_ne!(a, b);
+        for d in [&a, &b] {
+            let meta = std::fs::symlink_metadata(d).unwrap();
+            assert!(meta.is_dir() && !meta.file_type().is_symlink());
+            assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{}", d.display());
+            std::fs::remove_dir(d).unwrap();
+        }
+    }
 
     #[test]
     fn options() {
