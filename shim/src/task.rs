@@ -40,7 +40,6 @@ const VM_GONE_STATUS: u32 = 255;
 
 #[derive(Default)]
 struct Proc {
-    pid: u32,
     paths: StdioPaths,
     io: Option<Arc<ProcessIo>>,
     /// An exec's process document, until it is started.
@@ -56,6 +55,12 @@ struct Container {
     init: Proc,
     execs: HashMap<String, Proc>,
     vm_boot_id: String,
+    /// The pid containerd is given for each of the container's processes:
+    /// hearth-vmm's, the host process that runs them (as Kata reports its
+    /// hypervisor's). A guest pid means nothing on the host, and `docker
+    /// top`, monitoring agents or nsenter scripts would act on whatever host
+    /// process has that number.
+    host_pid: u32,
 }
 
 impl Container {
@@ -278,6 +283,7 @@ impl Service {
         {
             let mut cs = self.containers();
             for (id, c) in cs.iter_mut() {
+                let host_pid = c.host_pid;
                 let procs = std::iter::once(("".to_string(), &mut c.init))
                     .chain(c.execs.iter_mut().map(|(k, v)| (k.clone(), v)));
                 for (exec_id, p) in procs {
@@ -289,7 +295,7 @@ impl Service {
                         events.push(TaskExit {
                             container_id: id.clone(),
                             id: if exec_id.is_empty() { id.clone() } else { exec_id },
-                            pid: p.pid,
+                            pid: host_pid,
                             exit_status: VM_GONE_STATUS,
                             exited_at: Some(timestamp(now)).into(),
                             ..Default::default()
@@ -369,7 +375,7 @@ impl Service {
     }
 
     /// Waits in the agent for a process's end, then records and publishes it.
-    fn spawn_waiter(&self, vm: Arc<Vm>, id: String, exec_id: String, pid: u32, io: Option<Arc<ProcessIo>>) {
+    fn spawn_waiter(&self, vm: Arc<Vm>, id: String, exec_id: String, io: Option<Arc<ProcessIo>>) {
         let me = self.clone();
         std::thread::spawn(move || {
             let req = pb::ProcessRequest { container_id: id.clone(), exec_id: exec_id.clone(), ..Default::default() };
@@ -399,7 +405,7 @@ impl Service {
                 Box::new(TaskExit {
                     container_id: id.clone(),
                     id: if exec_id.is_empty() { id.clone() } else { exec_id },
-                    pid,
+                    pid: vm.vmm_pid as u32,
                     exit_status: code,
                     exited_at: Some(timestamp(at)).into(),
                     ..Default::default()
@@ -534,20 +540,23 @@ impl Service {
                 stdio: Some(stdio).into(),
                 ..Default::default()
             };
-            let pid =
+            let guest_pid =
                 vm.agent.create_container(ctx(120), &create).map_err(|e| anyhow::anyhow!("the agent: {e:?}"))?.pid;
+            log::info!("container {}: guest pid {guest_pid} in hearth-vmm pid {}", req.id, vm.vmm_pid);
             let io = pending.start().map(Arc::new).ok();
-            Ok::<_, anyhow::Error>((pid, paths, io))
+            Ok::<_, anyhow::Error>((paths, io))
         })();
+        let host_pid = vm.vmm_pid as u32;
         match result {
-            Ok((pid, paths, io)) => Ok((
-                pid,
+            Ok((paths, io)) => Ok((
+                host_pid,
                 Container {
                     bundle: req.bundle.clone(),
                     mounts,
-                    init: Proc { pid, paths, io, ..Default::default() },
+                    init: Proc { paths, io, ..Default::default() },
                     execs: HashMap::new(),
                     vm_boot_id: vm.boot_id.clone(),
+                    host_pid,
                 },
             )),
             Err(e) => {
@@ -597,7 +606,7 @@ fn unpack_spec(any: &Any) -> Vec<u8> {
 
 impl Task for Service {
     fn connect(&self, _: &TtrpcContext, req: ConnectRequest) -> TtrpcResult<ConnectResponse> {
-        let task_pid = self.containers().get(&req.id).map(|c| c.init.pid).unwrap_or(0);
+        let task_pid = self.containers().get(&req.id).map(|c| c.host_pid).unwrap_or(0);
         Ok(ConnectResponse {
             shim_pid: std::process::id(),
             task_pid,
@@ -672,9 +681,9 @@ impl Task for Service {
                 let mut cs = self.containers();
                 let c = cs.get_mut(&req.id).ok_or_else(|| not_found("deleted while starting"))?;
                 c.init.started = true;
-                c.init.pid
+                c.host_pid
             };
-            self.spawn_waiter(vm, req.id.clone(), String::new(), pid, io);
+            self.spawn_waiter(vm, req.id.clone(), String::new(), io);
             self.publish(
                 TASK_START_EVENT_TOPIC,
                 Box::new(TaskStart { container_id: req.id.clone(), pid, ..Default::default() }),
@@ -695,17 +704,19 @@ impl Task for Service {
             stdio: Some(stdio).into(),
             ..Default::default()
         };
-        let pid = vm.agent.exec_process(ctx(120), &exec).map_err(agent_err)?.pid;
+        let guest_pid = vm.agent.exec_process(ctx(120), &exec).map_err(agent_err)?.pid;
         let io = pending.start().map(Arc::new).ok();
-        {
+        let pid = {
             let mut cs = self.containers();
             let c = cs.get_mut(&req.id).ok_or_else(|| not_found("deleted while starting"))?;
+            let host_pid = c.host_pid;
             let p = c.proc(&req.exec_id)?;
-            p.pid = pid;
             p.started = true;
             p.io = io.clone();
-        }
-        self.spawn_waiter(vm, req.id.clone(), req.exec_id.clone(), pid, io);
+            host_pid
+        };
+        log::info!("exec {}/{}: guest pid {guest_pid}", req.id, req.exec_id);
+        self.spawn_waiter(vm, req.id.clone(), req.exec_id.clone(), io);
         self.publish(
             TASK_EXEC_STARTED_EVENT_TOPIC,
             Box::new(TaskExecStarted {
@@ -800,6 +811,7 @@ impl Task for Service {
         if !req.exec_id.is_empty() {
             let mut cs = self.containers();
             let c = cs.get_mut(&req.id).ok_or_else(|| not_found(format!("no container {}", req.id)))?;
+            let host_pid = c.host_pid;
             let p = c.execs.remove(&req.exec_id).ok_or_else(|| not_found(format!("no process {}", req.exec_id)))?;
             // The agent forgets it too, so that the exec id can be used again.
             if let (Ok(vm), true) = (self.vm(), p.started) {
@@ -814,7 +826,7 @@ impl Task for Service {
             }
             let (code, at) = p.exit.unwrap_or((0, SystemTime::now()));
             return Ok(DeleteResponse {
-                pid: p.pid,
+                pid: if p.started { host_pid } else { 0 },
                 exit_status: code,
                 exited_at: Some(timestamp(at)).into(),
                 ..Default::default()
@@ -842,14 +854,14 @@ impl Task for Service {
             TASK_DELETE_EVENT_TOPIC,
             Box::new(TaskDelete {
                 container_id: req.id.clone(),
-                pid: c.init.pid,
+                pid: c.host_pid,
                 exit_status: code,
                 exited_at: Some(timestamp(at)).into(),
                 ..Default::default()
             }),
         );
         Ok(DeleteResponse {
-            pid: c.init.pid,
+            pid: c.host_pid,
             exit_status: code,
             exited_at: Some(timestamp(at)).into(),
             ..Default::default()
@@ -859,8 +871,10 @@ impl Task for Service {
     fn state(&self, _: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
         let mut cs = self.containers();
         let c = cs.get_mut(&req.id).ok_or_else(|| not_found(format!("no container {}", req.id)))?;
-        let bundle = c.bundle.clone();
+        let (bundle, host_pid) = (c.bundle.clone(), c.host_pid);
         let p = c.proc(&req.exec_id)?;
+        // An init has its place in the VM from create on; an exec from its start.
+        let pid = if p.started || req.exec_id.is_empty() { host_pid } else { 0 };
         let st = match (p.started, p.exit) {
             (_, Some(_)) => Status::STOPPED,
             (true, None) => Status::RUNNING,
@@ -870,7 +884,7 @@ impl Task for Service {
         Ok(StateResponse {
             id: req.id,
             bundle,
-            pid: p.pid,
+            pid,
             status: st.into(),
             stdin: p.paths.stdin.clone(),
             stdout: p.paths.stdout.clone(),
@@ -883,17 +897,18 @@ impl Task for Service {
         })
     }
 
+    /// The host process that runs the container's processes: hearth-vmm,
+    /// as Kata reports its hypervisor. The guest's own pids (which `ctr task
+    /// exec ID ps` shows) are no host processes, and `docker top` or `ctr
+    /// task ps` would otherwise point at unrelated host processes that
+    /// happen to have the same numbers.
     fn pids(&self, _: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
-        let r = self
-            .vm()?
-            .agent
-            .list_pids(ctx(30), &pb::ContainerRequest { container_id: req.id, ..Default::default() })
-            .map_err(agent_err)?;
-        let processes = r
-            .pids
-            .into_iter()
-            .map(|pid| containerd_shim::protos::types::task::ProcessInfo { pid, ..Default::default() })
-            .collect();
+        let host_pid = self
+            .containers()
+            .get(&req.id)
+            .map(|c| c.host_pid)
+            .ok_or_else(|| not_found(format!("no container {}", req.id)))?;
+        let processes = vec![containerd_shim::protos::types::task::ProcessInfo { pid: host_pid, ..Default::default() }];
         Ok(PidsResponse { processes, ..Default::default() })
     }
 

@@ -74,6 +74,20 @@ fn containers_through_containerd() {
     let (b1, b2) = (boot("one"), boot("two"));
     assert_eq!(b1, b2, "the two containers run in different VMs");
     assert_eq!(c.vmm_pids().len(), 1, "one utility VM for both");
+    // containerd is told host pids only: the VMM's, which runs both
+    // containers' processes (a guest pid would name some unrelated host
+    // process to `docker top` or `ctr task ps`).
+    let vmm = c.vmm_pids()[0].to_string();
+    let ls = c.ok(&["task", "ls"]);
+    for id in ["one", "two"] {
+        assert!(
+            ls.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == [id, &vmm, "RUNNING"]),
+            "task ls does not give {id} the VMM's pid {vmm}:\n{ls}"
+        );
+    }
+    let ps = c.ok(&["task", "ps", "one"]);
+    let pids: Vec<&str> = ps.lines().skip(1).filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(pids, [vmm.as_str()], "task ps: {ps}");
     c.ok(&["task", "exec", "--exec-id", "mark", "one", "touch", "/marker"]);
     // Each sees its own sleep only (pid namespace), and not the other's
     // files (mount namespace, own rootfs).
