@@ -4,7 +4,9 @@
 //!
 //! - [`shim`]: the binary's commands (start with grouping, delete, serve);
 //! - [`task`]: the Task service: containers, processes, events, idle shutdown;
-//! - [`vm`]: booting hearth-vmm, the shared virtio-fs directory, VM exit;
+//! - [`vm`]: booting hearth-vmm, VM exit, clean-up after dead shims;
+//! - [`share`]: the virtio-fs shares' host side, which the guest cannot
+//!   redirect (a host-only tree, a read-only export);
 //! - [`io`]: containerd's FIFOs to and from the agent's stdio streams;
 //! - [`config`] reads `/etc/hearth/config.toml`;
 //! - [`record`]: the running VM's record (`vm.json`) for `hearth status`.
@@ -13,6 +15,7 @@ pub mod config;
 pub mod io;
 pub mod logging;
 pub mod record;
+pub mod share;
 pub mod shim;
 pub mod task;
 pub mod vm;

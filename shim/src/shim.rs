@@ -113,12 +113,15 @@ impl containerd_shim::Shim for HearthShim {
     }
 
     fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
-        // The shim that served this container is gone (its VM with it); what
-        // may be left on the host is the rootfs mount in the bundle.
+        // The shim that served this container is gone (its VMM died with it:
+        // vm.rs binds it to the shim); what may be left on the host is the
+        // rootfs mount in the bundle and the dead shim's VM directory with
+        // the shares' mounts.
         let rootfs = Path::new("rootfs");
         if rootfs.exists() {
             let _ = nix::mount::umount2(rootfs, nix::mount::MntFlags::MNT_DETACH);
         }
+        crate::vm::reap_orphans(&self.cfg.state_dir);
         log::info!("cleaned up after container {} in {}", self.id, self.namespace);
         let mut r = DeleteResponse::new();
         r.exit_status = 137;

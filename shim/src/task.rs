@@ -7,7 +7,6 @@
 //! the output has reached containerd.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -27,7 +26,6 @@ use containerd_shim::protos::topics::*;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
 use hearth_agent_protocol::agent as pb;
-use nix::mount::{umount2, MntFlags};
 
 use crate::config::Config;
 use crate::io::{self, ProcessIo, StdioPaths};
@@ -72,6 +70,9 @@ impl Container {
     }
 }
 
+/// How many deleted containers the shim remembers for late OOM reports.
+const DELETED_KEPT: usize = 64;
+
 pub struct Inner {
     /// The configuration in force; a create's runtime options may replace it
     /// while no VM runs.
@@ -87,6 +88,10 @@ pub struct Inner {
     publisher: RemotePublisher,
     vm: Mutex<Option<Arc<Vm>>>,
     containers: Mutex<HashMap<String, Container>>,
+    /// The last containers deleted, with their VM's boot id: the agent's
+    /// OOM report can arrive after the container's process ended and
+    /// containerd deleted it (`ctr run --rm`), and is still about one of ours.
+    deleted: Mutex<std::collections::VecDeque<(String, String)>>,
     exited: Condvar,
     exit: Arc<ExitSignal>,
     /// Set while the shim powers the VM off on purpose.
@@ -162,6 +167,7 @@ impl Service {
             stopping: Mutex::new(false),
             closing: Mutex::new(false),
             creating: AtomicUsize::new(0),
+            deleted: Mutex::new(std::collections::VecDeque::new()),
             socket,
         }))
     }
@@ -230,6 +236,7 @@ impl Service {
             ));
         }
         let cfg = self.cfg();
+        crate::vm::reap_orphans(&cfg.state_dir);
         let dir = cfg.state_dir.join(format!("{}-{}", self.0.namespace, std::process::id()));
         let me = self.clone();
         *self.0.dead_reason.lock().unwrap() = None;
@@ -355,7 +362,14 @@ impl Service {
                 // The guest names the container: only one of ours, in this
                 // VM, gets an event; anything else is the guest's word alone
                 // (logged at 1, 2, 4, 8... so that a guest cannot flood the log).
-                let ours = me.containers().get(&ev.container_id).is_some_and(|c| c.vm_boot_id == vm.boot_id);
+                let ours = me.containers().get(&ev.container_id).is_some_and(|c| c.vm_boot_id == vm.boot_id)
+                    || me
+                        .0
+                        .deleted
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .any(|(id, boot)| *id == ev.container_id && *boot == vm.boot_id);
                 if !ours {
                     ignored += 1;
                     if ignored.is_power_of_two() {
@@ -414,84 +428,9 @@ impl Service {
         });
     }
 
-    /// Binds `source` at `target` (a file or a directory), creating it:
-    /// with the mounts beneath it when `recursive` (rbind), and read-only on
-    /// the host, submounts included, when `readonly`.
-    ///
-    /// The bind is made detached (open_tree), set read-only there
-    /// (mount_setattr) and only then moved into place (move_mount): a bind
-    /// made in place and remounted read-only afterwards would already have
-    /// propagated, writable, into virtiofsd's mount namespace, and the
-    /// guest would write through that copy.
-    fn bind(source: &Path, target: &Path, recursive: bool, readonly: bool) -> anyhow::Result<()> {
-        if source.is_dir() {
-            std::fs::create_dir_all(target)?;
-        } else {
-            std::fs::create_dir_all(target.parent().unwrap())?;
-            std::fs::File::create(target)?;
-        }
-        let what = || format!("binding {} at {}", source.display(), target.display());
-        let cstr = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes());
-        let (src, dst, empty) = (cstr(source)?, cstr(target)?, std::ffi::CString::default());
-        let check = |rc: libc::c_long, step: &str| -> anyhow::Result<libc::c_long> {
-            if rc < 0 {
-                anyhow::bail!("{} ({step}): {}", what(), std::io::Error::last_os_error());
-            }
-            Ok(rc)
-        };
-        const OPEN_TREE_CLONE: libc::c_uint = 1;
-        const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
-        let mut flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
-        if recursive {
-            flags |= libc::AT_RECURSIVE as libc::c_uint;
-        }
-        // SAFETY: NUL-terminated paths that outlive each call; the fd is
-        // ours and closed below.
-        let fd =
-            check(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, src.as_ptr(), flags) }, "open_tree")?;
-        // SAFETY: as above; the fd is owned from here on.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-        if readonly {
-            let attr =
-                libc::mount_attr { attr_set: libc::MOUNT_ATTR_RDONLY, attr_clr: 0, propagation: 0, userns_fd: 0 };
-            // SAFETY: the detached tree's fd, an empty path, and an
-            // attribute block of its true size that outlives the call.
-            check(
-                unsafe {
-                    libc::syscall(
-                        libc::SYS_mount_setattr,
-                        fd.as_raw_fd(),
-                        empty.as_ptr(),
-                        libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
-                        &attr as *const libc::mount_attr,
-                        std::mem::size_of::<libc::mount_attr>(),
-                    )
-                },
-                "mount_setattr read-only",
-            )?;
-        }
-        // SAFETY: the detached tree's fd and NUL-terminated paths.
-        check(
-            unsafe {
-                libc::syscall(
-                    libc::SYS_move_mount,
-                    fd.as_raw_fd(),
-                    empty.as_ptr(),
-                    libc::AT_FDCWD,
-                    dst.as_ptr(),
-                    MOVE_MOUNT_F_EMPTY_PATH,
-                )
-            },
-            "move_mount",
-        )?;
-        Ok(())
-    }
-
     fn undo_mounts(mounts: &[PathBuf]) {
         for m in mounts.iter().rev() {
-            if let Err(e) = umount2(m, MntFlags::MNT_DETACH) {
-                log::warn!("unmounting {}: {e}", m.display());
-            }
+            crate::share::unmount(m);
         }
     }
 
@@ -517,13 +456,9 @@ impl Service {
                 Some(p) => bundle.join(p),
                 None => host_root.clone(),
             };
-            let share_root = vm.roots.join(&req.id).join("rootfs");
-            Self::bind(&root, &share_root, true, false)?;
-            mounts.push(share_root);
+            mounts.push(vm.roots.bind(&Path::new(&req.id).join("rootfs"), &root, true, false)?);
             for b in hearth_oci::translate::for_guest(&mut spec, &req.id, Path::new(vm::GUEST_SHARED)) {
-                let target = vm.shared.join(&b.in_share);
-                Self::bind(&b.source, &target, b.recursive, b.readonly)?;
-                mounts.push(target);
+                mounts.push(vm.shared.bind(&b.in_share, &b.source, b.recursive, b.readonly)?);
             }
             let paths = StdioPaths {
                 stdin: req.stdin.clone(),
@@ -833,6 +768,13 @@ impl Task for Service {
             });
         }
         let c = self.containers().remove(&req.id).ok_or_else(|| not_found(format!("no container {}", req.id)))?;
+        {
+            let mut deleted = self.0.deleted.lock().unwrap();
+            if deleted.len() == DELETED_KEPT {
+                deleted.pop_front();
+            }
+            deleted.push_back((req.id.clone(), c.vm_boot_id.clone()));
+        }
         // Its log FIFO goes with its bundle: log through another container's.
         if crate::logging::current().is_some_and(|p| p.starts_with(&c.bundle)) {
             if let Some(other) = self.containers().values().next() {

@@ -1,7 +1,9 @@
 //! The utility VM as the shim sees it: hearth-vmm booted on first use with the
-//! agent initramfs, a vsock socket to reach the agent, and two directories
+//! agent initramfs, a vsock socket to reach the agent, and two shares
 //! exported over virtio-fs (virtio-fs devices cannot be added to a running
-//! VM, so each carries every container's files, bind-mounted into it):
+//! VM, so each carries every container's files, bind-mounted into it; the
+//! host side of each is laid out in [`crate::share`] so that the guest cannot
+//! redirect the shim's mounts):
 //!
 //! - `roots`: container root filesystems, cached by the guest without
 //!   revalidation (`cache=always`): only the container changes its root, and
@@ -10,19 +12,22 @@
 //!   and Docker's vfs driver copies them);
 //! - `shared`: bind-mount sources, host directories the host may change
 //!   under the guest, cached with revalidation (`cache=auto`).
+//!
+//! Booting is transactional: whatever a failed boot mounted or started is
+//! undone before the error is returned.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use containerd_shim::monitor::{monitor_subscribe, wait_pid, Topic};
 use hearth_agent_protocol::agent::{Empty, MountRequest, SyncTimeRequest};
 use hearth_agent_protocol::transport::{AgentAddress, AGENT_PORT};
 use hearth_agent_protocol::AgentClient;
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use crate::config::Config;
+use crate::share::{remove_tree, Share};
 
 /// Where the shared directory appears in the guest.
 pub const GUEST_SHARED: &str = "/run/hearth/shared";
@@ -33,8 +38,8 @@ const ROOTS_TAG: &str = "hearth-roots";
 
 pub struct Vm {
     pub dir: PathBuf,
-    pub shared: PathBuf,
-    pub roots: PathBuf,
+    pub shared: Share,
+    pub roots: Share,
     pub vsock: PathBuf,
     pub agent: AgentClient,
     pub vmm_pid: i32,
@@ -52,17 +57,29 @@ impl Vm {
     pub fn boot(cfg: &Config, dir: &Path, on_exit: impl FnOnce(i32, String) + Send + 'static) -> Result<Vm> {
         cfg.check()?;
         std::fs::create_dir_all(dir)?;
-        let shared = dir.join("shared");
-        let roots = dir.join("roots");
-        for d in [&shared, &roots] {
-            std::fs::create_dir_all(d)?;
-            // A shared mount, so that bind mounts made under it later reach
-            // virtiofsd's own mount namespace.
-            mount(Some(d), d, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-                .with_context(|| format!("binding {}", d.display()))?;
-            mount(None::<&str>, d, None::<&str>, MsFlags::MS_SHARED, None::<&str>)
-                .with_context(|| format!("making {} a shared mount", d.display()))?;
+        // Undoes a failed boot: the VMM killed, the shares unmounted, the
+        // directory removed.
+        struct Undo<'a> {
+            dir: &'a Path,
+            shares: Vec<Share>,
+            vmm: Option<i32>,
         }
+        impl Drop for Undo<'_> {
+            fn drop(&mut self) {
+                if let Some(pid) = self.vmm {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+                }
+                for s in &self.shares {
+                    s.teardown();
+                }
+                if let Err(e) = remove_tree(self.dir) {
+                    log::warn!("cleaning up after a failed boot: {e:#}");
+                }
+            }
+        }
+        let mut undo = Undo { dir, shares: Vec::new(), vmm: None };
+        undo.shares.push(Share::create(dir, "shared")?);
+        undo.shares.push(Share::create(dir, "roots")?);
         let vsock = dir.join("vsock.sock");
         let console = dir.join("console.log");
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
@@ -81,9 +98,9 @@ impl Vm {
             .arg("--vsock")
             .arg(format!("cid=3,socket={}", vsock.display()))
             .arg("--fs")
-            .arg(format!("tag={SHARE_TAG},dir={}", shared.display()))
+            .arg(format!("tag={SHARE_TAG},dir={}", undo.shares[0].export().display()))
             .arg("--fs")
-            .arg(format!("tag={ROOTS_TAG},dir={},cache=always,xattr=on", roots.display()))
+            .arg(format!("tag={ROOTS_TAG},dir={},cache=always,xattr=on", undo.shares[1].export().display()))
             .arg("--balloon")
             .args(["--cmdline", cmdline.trim()])
             .stdin(Stdio::null())
@@ -95,8 +112,9 @@ impl Vm {
         // Subscribe before spawning: the shim's reaper reaps every child and
         // tells subscribers, so a fast exit is not missed.
         let sub = monitor_subscribe(Topic::Pid).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let child = cmd.spawn().with_context(|| format!("starting {}", cfg.vmm.display()))?;
+        let child = spawn_bound_to_shim(cmd).with_context(|| format!("starting {}", cfg.vmm.display()))?;
         let pid = child.id() as i32;
+        undo.vmm = Some(pid);
         std::mem::forget(child); // reaped by the shim's reaper
         let console_for_exit = console.clone();
         std::thread::spawn(move || {
@@ -105,13 +123,9 @@ impl Vm {
         });
         tracing_log(&format!("booting the utility VM (hearth-vmm pid {pid}) in {}", dir.display()));
         let addr = AgentAddress::HybridVsock { socket: vsock.clone(), port: AGENT_PORT };
-        let agent = match addr.connect_when_ready(Duration::from_secs(180)) {
-            Ok(a) => a,
-            Err(e) => {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
-                bail!("the utility VM's agent did not answer: {e}\n--- console ---\n{}", tail(&console, 30));
-            }
-        };
+        let agent = addr.connect_when_ready(Duration::from_secs(180)).map_err(|e| {
+            anyhow::anyhow!("the utility VM's agent did not answer: {e}\n--- console ---\n{}", tail(&console, 30))
+        })?;
         for (tag, target) in [(SHARE_TAG, GUEST_SHARED), (ROOTS_TAG, GUEST_ROOTS)] {
             let mount_req = MountRequest {
                 source: tag.into(),
@@ -124,6 +138,10 @@ impl Vm {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
         let _ = agent.sync_time(ctx(10), &SyncTimeRequest { unix_nanos: nanos, ..Default::default() });
         let boot_id = agent.health(ctx(10), &Empty::new())?.boot_id;
+        // Booted: from here on the Vm owns what Undo would have undone.
+        let roots = undo.shares.pop().expect("two shares");
+        let shared = undo.shares.pop().expect("two shares");
+        std::mem::forget(undo);
         Ok(Vm { dir: dir.to_path_buf(), shared, roots, vsock, agent, vmm_pid: pid, boot_id })
     }
 
@@ -139,31 +157,145 @@ impl Vm {
         self.cleanup();
     }
 
-    /// Removes container `id`'s directories from both shares, once its
-    /// mounts there are undone: its bind targets (`shared/ID/mounts/N`) and
-    /// its root (`roots/ID/rootfs`), never descending into them. Should a
-    /// mount have stayed (its unmount failed), removing its mount point
-    /// fails (EBUSY) and the files under it are left alone.
+    /// Removes container `id`'s directories from both shares (its bind
+    /// targets, `shared/ID/mounts/N`, and its root, `roots/ID/rootfs`) once
+    /// its mounts there are undone, never descending into a mount: should
+    /// one have stayed (its unmount failed), it and the files under it are
+    /// left alone.
     pub fn forget_dirs(&self, id: &str) {
-        let shared = self.shared.join(id);
-        for e in std::fs::read_dir(shared.join("mounts")).into_iter().flatten().flatten() {
-            let _ = if e.file_type().is_ok_and(|t| t.is_dir()) {
-                std::fs::remove_dir(e.path())
-            } else {
-                std::fs::remove_file(e.path())
-            };
-        }
-        for d in [shared.join("mounts"), shared, self.roots.join(id).join("rootfs"), self.roots.join(id)] {
-            let _ = std::fs::remove_dir(d);
-        }
+        self.shared.forget(Path::new(id));
+        self.roots.forget(Path::new(id));
     }
 
-    /// Unmounts the shared directories and removes the VM's directory.
+    /// Unmounts the shares (and every container mount in them) and removes
+    /// the VM's directory, never crossing a mount that is still there.
     pub fn cleanup(&self) {
-        let _ = umount2(&self.shared, MntFlags::MNT_DETACH);
-        let _ = umount2(&self.roots, MntFlags::MNT_DETACH);
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.shared.teardown();
+        self.roots.teardown();
+        if let Err(e) = remove_tree(&self.dir) {
+            log::warn!("removing the VM's directory: {e:#}");
+        }
     }
+}
+
+/// Spawns `cmd` so that it is killed when the shim dies, however it dies:
+/// a shim killed with SIGKILL runs no clean-up, and a VMM left behind would
+/// keep the VM, its virtiofsd and the shares' mounts alive with no one to
+/// answer for them. PR_SET_PDEATHSIG fires when the *thread* that forked the
+/// child ends, and the shim's ttrpc threads come and go (a containerd
+/// restart replaces them), so every VMM is spawned by one thread that lives
+/// as long as the shim. (virtiofsd is bound to hearth-vmm the same way.)
+fn spawn_bound_to_shim(mut cmd: Command) -> std::io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    use std::sync::mpsc;
+    type Request = (Command, mpsc::Sender<std::io::Result<std::process::Child>>);
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<mpsc::Sender<Request>>> = std::sync::OnceLock::new();
+    let shim = std::process::id() as i32;
+    // SAFETY: prctl and getppid are async-signal-safe and touch no memory
+    // of ours.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The shim died before the prctl: no signal will come.
+            if libc::getppid() != shim {
+                return Err(std::io::Error::other("the shim exited while starting hearth-vmm"));
+            }
+            Ok(())
+        });
+    }
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Request>();
+        std::thread::Builder::new()
+            .name("vmm-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("starting the shim's VMM spawner thread");
+        std::sync::Mutex::new(tx)
+    });
+    let (tx, rx) = mpsc::channel();
+    spawner.lock().unwrap().send((cmd, tx)).map_err(|_| std::io::Error::other("the VMM spawner thread ended"))?;
+    rx.recv().map_err(|_| std::io::Error::other("the VMM spawner thread ended"))?
+}
+
+/// Cleans up after shims that died without cleaning up (killed, crashed):
+/// for each VM directory under `state_dir` (`NAMESPACE-SHIMPID`) whose shim
+/// no longer runs, kills a hearth-vmm still running for it (only a process
+/// that is hearth-vmm and names that directory), undoes every mount beneath
+/// it, deepest first, and removes it without crossing a mount. containerd
+/// runs the shim's `delete` for each container of a dead shim, which calls
+/// this; so does each shim before it boots a VM.
+pub fn reap_orphans(state_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(state_dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.rsplit('-').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        if pid == std::process::id() as i32 || process_is(pid, "containerd-shim-hearth", None) {
+            continue;
+        }
+        let dir = e.path();
+        log::warn!("cleaning up after a dead shim (pid {pid}): {}", dir.display());
+        let dir_str = dir.display().to_string();
+        for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(vmm) = p.file_name().to_string_lossy().parse::<i32>() else { continue };
+            if process_is(vmm, "hearth-vmm", Some(&dir_str)) {
+                log::warn!("killing hearth-vmm pid {vmm}, left running by its dead shim");
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(vmm), nix::sys::signal::SIGKILL);
+            }
+        }
+        let mut mounts = mounts_beneath(&dir);
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
+        for m in &mounts {
+            crate::share::unmount(m);
+        }
+        if let Err(e) = remove_tree(&dir) {
+            log::warn!("removing {}: {e:#}", dir.display());
+        }
+    }
+}
+
+/// Whether process `pid` runs a program whose name contains `program`
+/// (and, when given, whose command line contains `arg`).
+fn process_is(pid: i32, program: &str, arg: Option<&str>) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let mut args = cmdline.split(|b| *b == 0).map(String::from_utf8_lossy);
+    let Some(argv0) = args.next() else { return false };
+    let name = argv0.rsplit('/').next().unwrap_or_default().to_string();
+    name.contains(program) && arg.is_none_or(|a| args.any(|x| x.contains(a)))
+}
+
+/// The mount points at or beneath `dir`, from /proc/self/mountinfo.
+fn mounts_beneath(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect()
+}
+
+/// mountinfo writes space, tab, newline and backslash as octal escapes.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'3').contains(&b[i + 1]) && (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The last `n` lines of a file.
@@ -175,4 +307,26 @@ pub fn tail(path: &Path, n: usize) -> String {
 
 fn tracing_log(msg: &str) {
     log::info!("{msg}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_mountinfo(r"/run/a\040b\011c\134d"), "/run/a b\tc\\d");
+        assert_eq!(unescape_mountinfo(r"/plain\9x\"), r"/plain\9x\");
+    }
+
+    #[test]
+    fn processes_are_told_by_program_and_argument() {
+        let me = std::process::id() as i32;
+        let argv0 = std::env::args().next().unwrap();
+        let name = argv0.rsplit('/').next().unwrap().to_string();
+        assert!(process_is(me, &name, None));
+        assert!(!process_is(me, "hearth-vmm", None));
+        assert!(!process_is(me, &name, Some("no-such-argument-anywhere")));
+        assert!(!process_is(i32::MAX, &name, None));
+    }
 }
