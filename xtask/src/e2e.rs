@@ -13,7 +13,7 @@ use crate::place;
 use crate::sh::cmd;
 use crate::{paths, testhost};
 
-pub const SUITES: &[&str] = &["boot", "devices", "agent-native", "agent", "containerd", "distro"];
+pub const SUITES: &[&str] = &["boot", "devices", "agent-native", "agent", "containerd", "escape", "distro"];
 
 /// Suites that need no VM: they run on this machine directly, as root.
 const NATIVE: &[&str] = &["agent-native"];

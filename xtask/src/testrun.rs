@@ -31,6 +31,7 @@ const EXPECTED_SECS: &[(&str, u64)] = &[
     ("distro", 560),
     ("fuzz", 290),
     ("containerd", 170),
+    ("escape", 90),
     ("unit", 110),
     ("devices", 95),
     ("agent", 27),

@@ -1,0 +1,234 @@
+//! e2e suite `escape`: a privileged guest attacks the host through the VM
+//! boundary, and the host stays as it was (docs/security.md lists each
+//! attack, its fix and the test here that shows it).
+//!
+//! Each test starts its own containerd with the hearth runtime (as the
+//! `containerd` suite does), lets a privileged container (every capability,
+//! as a distro's root has) try an attack, then checks the host side: host
+//! files, `/proc/self/mountinfo` on the host, and that the shim still
+//! serves the next container correctly.
+
+use std::process::Command;
+use std::time::Duration;
+
+use hearth_e2e::containerd::{pids_matching, text, wait_until, Containerd, IMAGE, RUNTIME};
+use hearth_e2e::{Env, Scratch};
+
+/// The guest mounts both virtio-fs shares itself (as any privileged
+/// container can) and plants symlinks to a host directory where the next
+/// container's root and bind mount will go, at the shares' top and in its
+/// own mounts directory: the shim must not follow any of them. Before the
+/// shares' host side was split into a host-only tree and a read-only export
+/// (shim/src/share.rs), the shim mounted the next container's volume over
+/// the symlink's target.
+#[test]
+fn symlinks_planted_in_the_shares_redirect_nothing() {
+    let env = Env::get();
+    let scratch = Scratch::new("escape-symlinks");
+    let c = Containerd::start(&env, &scratch, 3);
+    // `precious` stands in for /etc: what the attacker aims the shim at.
+    let (precious, volume, own) = (scratch.path("precious"), scratch.path("volume"), scratch.path("own"));
+    for d in [&precious, &volume, &own] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(precious.join("keep"), "host\n").unwrap();
+
+    let own_mount = format!("type=bind,src={},dst=/vol,options=rbind:rw", own.display());
+    c.ok(&[
+        "run",
+        "-d",
+        "--privileged",
+        "--runtime",
+        RUNTIME,
+        "--mount",
+        &own_mount,
+        IMAGE,
+        "attacker",
+        "sleep",
+        "1000",
+    ]);
+    // Root in a privileged container is root of the whole guest: it sets
+    // the kernel's core-dump helper, which the guest kernel runs as root in
+    // the guest's own namespaces, where the agent has the shares mounted.
+    // The helper is the attack.
+    let attack = format!(
+        "#!/run/hearth/roots/attacker/rootfs/bin/sh\n\
+         BB=/run/hearth/roots/attacker/rootfs/bin/busybox\n\
+         S=/run/hearth/shared; R=/run/hearth/roots\n\
+         {{\n\
+         [ -d $S/attacker/mounts ] && [ -d $R/attacker/rootfs/bin ] && echo SEES-THE-SHARES\n\
+         for p in $S/victim $S/attacker/mounts/77 $S/top $R/victim $R/attacker/other; do\n\
+           echo TRIED $p; $BB ln -s {precious} $p && echo PLANTED $p\n\
+         done\n\
+         $BB mkdir $S/victim2 && echo MADE-DIR\n\
+         $BB mv $S/attacker $S/moved && echo MOVED\n\
+         echo DONE\n\
+         }} > $R/attacker/rootfs/result.tmp 2>&1\n\
+         $BB mv $R/attacker/rootfs/result.tmp $R/attacker/rootfs/result\n",
+        precious = precious.display()
+    );
+    std::fs::write(own.join("attack.sh"), attack).unwrap();
+    let script = "cp /vol/attack.sh /attack.sh && chmod +x /attack.sh && \
+         echo '|/run/hearth/roots/attacker/rootfs/attack.sh' > /proc/sys/kernel/core_pattern && \
+         echo CORE-PATTERN-SET; \
+         ulimit -c unlimited; sh -c 'kill -SEGV $$'; \
+         for i in $(seq 150); do [ -f /result ] && break; sleep 0.2; done; cat /result; \
+         echo mine > /vol/own && echo OWN-VOLUME-WRITABLE";
+    let out = c.ok(&["task", "exec", "--exec-id", "attack", "attacker", "sh", "-c", script]);
+    assert!(
+        out.contains("CORE-PATTERN-SET") && out.contains("SEES-THE-SHARES") && out.contains("DONE"),
+        "the attack did not run as the guest's root, so nothing was tried: {out}"
+    );
+    assert_eq!(out.matches("TRIED").count(), 5, "{out}");
+    for bad in ["PLANTED", "MADE-DIR", "MOVED"] {
+        assert!(!out.contains(bad), "the guest changed the shares' layout ({bad}): {out}");
+    }
+    assert!(out.contains("OWN-VOLUME-WRITABLE"), "a read-write volume must stay writable: {out}");
+    assert_eq!(std::fs::read_to_string(own.join("own")).unwrap(), "mine\n");
+
+    // The next container, with a volume of its own, in the same VM.
+    let volume_mount = format!("type=bind,src={},dst=/data,options=rbind:rw", volume.display());
+    let o = c.run("victim", &["--mount", &volume_mount], &["sh", "-c", "echo victim > /data/f && ls /bin/sh"]);
+    assert!(o.status.success(), "the next container did not run correctly: {}", text(&o));
+    assert_eq!(std::fs::read_to_string(volume.join("f")).unwrap(), "victim\n", "the volume went elsewhere");
+
+    // The host: the target untouched, nothing mounted on it.
+    let left: Vec<_> = std::fs::read_dir(&precious).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(left, ["keep"], "files appeared in the host directory");
+    assert_eq!(std::fs::read_to_string(precious.join("keep")).unwrap(), "host\n");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(precious.to_str().unwrap()), "a mount on the host directory:\n{mounts}");
+
+    // The attacker's VM still serves it, and everything goes at the end.
+    let o = c.ctr(&["task", "exec", "--exec-id", "after", "attacker", "echo", "still-here"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "still-here\n", "{}", text(&o));
+    c.ok(&["task", "kill", "-s", "SIGKILL", "attacker"]);
+    wait_until("the attacker exited", Duration::from_secs(60), || {
+        !c.ok(&["task", "ls"]).lines().any(|l| l.starts_with("attacker ") && l.contains("RUNNING"))
+    });
+    c.ok(&["task", "rm", "attacker"]);
+    c.ok(&["containers", "rm", "attacker"]);
+    wait_until("the VM idled out", Duration::from_secs(120), || c.vmm_pids().is_empty());
+    // The shim unmounts the shares once hearth-vmm has ended.
+    wait_until("the shares unmounted", Duration::from_secs(30), || {
+        !std::fs::read_to_string("/proc/self/mountinfo").unwrap().contains(c.vms.to_str().unwrap())
+    });
+    assert_eq!(std::fs::read_to_string(volume.join("f")).unwrap(), "victim\n");
+    assert_eq!(std::fs::read_to_string(own.join("own")).unwrap(), "mine\n");
+}
+
+/// A shim killed with SIGKILL runs no clean-up of its own: its hearth-vmm
+/// and virtiofsd must die with it, and containerd's clean-up after it (the
+/// shim binary's `delete`) must leave no mount and no VM state; the next
+/// container boots a new VM.
+#[test]
+fn a_killed_shim_leaves_nothing_behind() {
+    let env = Env::get();
+    let scratch = Scratch::new("escape-dead-shim");
+    let c = Containerd::start(&env, &scratch, 3);
+    let vol = scratch.path("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    let vol_mount = format!("type=bind,src={},dst=/vol,options=rbind:rw", vol.display());
+    c.ok(&["run", "-d", "--runtime", RUNTIME, "--mount", &vol_mount, IMAGE, "doomed", "sleep", "1000"]);
+    let vms = c.vms.display().to_string();
+    assert_eq!(c.vmm_pids().len(), 1, "one VM");
+    assert!(!pids_matching("virtiofsd", &vms).is_empty(), "virtiofsd runs for the VM");
+    let dirs: Vec<String> =
+        std::fs::read_dir(&c.vms).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let shim: i32 = dirs[0].rsplit('-').next().unwrap().parse().unwrap();
+
+    // SAFETY: kill(2) on the shim's pid, read from its VM directory's name.
+    assert_eq!(unsafe { libc::kill(shim, libc::SIGKILL) }, 0);
+    wait_until("hearth-vmm died with its shim", Duration::from_secs(30), || c.vmm_pids().is_empty());
+    wait_until("virtiofsd died with hearth-vmm", Duration::from_secs(30), || {
+        pids_matching("virtiofsd", &vms).is_empty()
+    });
+    let mounted = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&vms) || l.contains("/doomed/"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    wait_until("containerd cleaned up after the dead shim", Duration::from_secs(60), || {
+        mounted().is_empty() && std::fs::read_dir(&c.vms).map(|d| d.count() == 0).unwrap_or(true)
+    });
+    assert!(!c.ok(&["task", "ls"]).lines().any(|l| l.starts_with("doomed ") && l.contains("RUNNING")));
+    let _ = c.ctr(&["task", "rm", "-f", "doomed"]);
+    c.ok(&["containers", "rm", "doomed"]);
+
+    let o = c.run("after", &["--mount", &vol_mount], &["sh", "-c", "echo after > /vol/f; echo ok"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "ok\n", "{}", text(&o));
+    assert_eq!(std::fs::read_to_string(vol.join("f")).unwrap(), "after\n");
+    wait_until("the VM idled out", Duration::from_secs(120), || c.vmm_pids().is_empty());
+    // The shim unmounts the shares once hearth-vmm has ended.
+    wait_until("the shares unmounted", Duration::from_secs(30), || mounted().is_empty());
+}
+
+/// A tmpfs mounted on the host for a test, unmounted however the test ends.
+struct HostTmpfs(std::path::PathBuf);
+
+impl HostTmpfs {
+    fn mount(at: &std::path::Path) -> HostTmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        hearth_e2e::host(Command::new("mount").args(["-t", "tmpfs", "tmpfs"]).arg(at));
+        HostTmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for HostTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Read-only binds hold on the host side: root in a privileged container
+/// remounts its read-only volume read-write inside the guest, and still
+/// cannot write through it to the host files. `rbind` brings the source's submounts along; a plain `bind` does
+/// not (as with runc).
+#[test]
+fn read_only_binds_hold_on_the_host_against_a_privileged_guest() {
+    let env = Env::get();
+    let scratch = Scratch::new("containerd-ro");
+    let c = Containerd::start(&env, &scratch, 3);
+    let (ro, plain) = (scratch.path("ro-src"), scratch.path("plain-src"));
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::write(ro.join("keep.txt"), "from the host\n").unwrap();
+    let _ro_sub = HostTmpfs::mount(&ro.join("sub"));
+    std::fs::write(ro.join("sub/inner.txt"), "inner from the host\n").unwrap();
+    let _plain_sub = HostTmpfs::mount(&plain.join("sub"));
+    std::fs::write(plain.join("sub/hidden.txt"), "a submount\n").unwrap();
+
+    let ro_mount = format!("type=bind,src={},dst=/ro,options=rbind:ro", ro.display());
+    let plain_mount = format!("type=bind,src={},dst=/plain,options=bind:rw", plain.display());
+    // Root in the container first makes its own mounts writable again (it
+    // may: they are its mounts), then writes through them.
+    let script = "echo x 2>/dev/null > /ro/keep.txt && echo GUEST-RO-WRITABLE; \
+                  mount -o remount,bind,rw /ro || echo NO-REMOUNT; mount -o remount,bind,rw /ro/sub; \
+                  grep -q ' /ro virtiofs rw' /proc/mounts && echo RO-NOW-RW; \
+                  for f in /ro/keep.txt /ro/sub/inner.txt; do \
+                    echo TRIED; \
+                    (echo pwned > \"$f\") 2>/dev/null && echo WROTE $f; \
+                    touch \"$f.new\" 2>/dev/null && echo CREATED $f.new; \
+                  done; \
+                  echo PLAIN-SUB: $(ls /plain/sub); cat /ro/sub/inner.txt";
+    let o = c.run("ro-binds", &["--privileged", "--mount", &ro_mount, "--mount", &plain_mount], &["sh", "-c", script]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        !out.contains("NO-REMOUNT") && out.contains("RO-NOW-RW"),
+        "the guest could not make its mounts writable, so nothing was tried: {out}"
+    );
+    assert_eq!(out.matches("TRIED").count(), 2, "{out}");
+    assert!(!out.contains("WROTE") && !out.contains("CREATED"), "the guest wrote through a read-only bind: {out}");
+    assert!(!out.contains("GUEST-RO-WRITABLE"), "{out}");
+    assert!(out.contains("PLAIN-SUB:\n"), "a plain bind brought a submount along: {out}");
+    assert!(out.contains("inner from the host"), "rbind did not bring the submount: {out}");
+    assert_eq!(std::fs::read_to_string(ro.join("keep.txt")).unwrap(), "from the host\n");
+    assert_eq!(std::fs::read_to_string(ro.join("sub/inner.txt")).unwrap(), "inner from the host\n");
+    let left: Vec<_> = std::fs::read_dir(&ro).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(left.len(), 2, "files appeared in the read-only source: {left:?}");
+    wait_until("the VM idled out", Duration::from_secs(120), || c.vmm_pids().is_empty());
+}
