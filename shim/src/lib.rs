@@ -7,6 +7,7 @@
 //! - [`vm`]: booting hearth-vmm, VM exit, clean-up after dead shims;
 //! - [`share`]: the virtio-fs shares' host side, which the guest cannot
 //!   redirect (a host-only tree, a read-only export);
+//! - [`metrics`]: the agent's cgroup statistics as containerd's metrics;
 //! - [`io`]: containerd's FIFOs to and from the agent's stdio streams;
 //! - [`config`] reads `/etc/hearth/config.toml`;
 //! - [`record`]: the running VM's record (`vm.json`) for `hearth status`.
@@ -14,6 +15,7 @@
 pub mod config;
 pub mod io;
 pub mod logging;
+pub mod metrics;
 pub mod record;
 pub mod share;
 pub mod shim;

@@ -13,15 +13,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use containerd_shim::api::*;
-use containerd_shim::protos::cgroups_v2::metrics::{
-    CPUStat, IOEntry, IOStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
-};
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
-use containerd_shim::protos::protobuf::{Message, MessageDyn};
+use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::topics::*;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
@@ -860,47 +857,7 @@ impl Task for Service {
             .agent
             .stats(ctx(30), &pb::ContainerRequest { container_id: req.id, ..Default::default() })
             .map_err(agent_err)?;
-        let mut m = Metrics::new();
-        m.pids = Some(PidsStat { current: s.pids.current, limit: s.pids.limit, ..Default::default() }).into();
-        m.cpu = Some(CPUStat {
-            usage_usec: s.cpu.usage_usec,
-            user_usec: s.cpu.user_usec,
-            system_usec: s.cpu.system_usec,
-            nr_periods: s.cpu.nr_periods,
-            nr_throttled: s.cpu.nr_throttled,
-            throttled_usec: s.cpu.throttled_usec,
-            ..Default::default()
-        })
-        .into();
-        let stat = |k: &str| s.memory.stat.get(k).copied().unwrap_or(0);
-        m.memory = Some(MemoryStat {
-            usage: s.memory.usage_bytes,
-            usage_limit: s.memory.limit_bytes,
-            max_usage: s.memory.max_usage_bytes,
-            anon: stat("anon"),
-            file: stat("file"),
-            ..Default::default()
-        })
-        .into();
-        m.memory_events =
-            Some(MemoryEvents { oom: s.memory.oom_events, oom_kill: s.memory.oom_kill_events, ..Default::default() })
-                .into();
-        m.io = Some(IOStat {
-            usage: vec![IOEntry {
-                rbytes: s.io.read_bytes,
-                wbytes: s.io.write_bytes,
-                rios: s.io.read_ios,
-                wios: s.io.write_ios,
-                ..Default::default()
-            }],
-            ..Default::default()
-        })
-        .into();
-        let any = Any {
-            type_url: "io.containerd.cgroups.v2.Metrics".into(),
-            value: m.write_to_bytes().map_err(internal)?,
-            ..Default::default()
-        };
+        let any = crate::metrics::to_containerd(&s).map_err(internal)?;
         Ok(StatsResponse { stats: Some(any).into(), ..Default::default() })
     }
 
