@@ -117,6 +117,74 @@ fn symlinks_planted_in_the_shares_redirect_nothing() {
     assert_eq!(std::fs::read_to_string(own.join("own")).unwrap(), "mine\n");
 }
 
+/// A guest floods the host with vsock connections to a port something on
+/// the host listens on: hearth-vmm takes at most its cap (512, the shim's
+/// own streams included) and refuses the rest, frees them when the guest
+/// closes them (a second flood gets as many again), its memory stays
+/// bounded, and the shim and other containers keep serving.
+#[test]
+fn a_vsock_flood_is_capped() {
+    let env = Env::get();
+    let scratch = Scratch::new("escape-vsock-flood");
+    // The listener below holds up to a thousand connections.
+    let files = libc::rlimit { rlim_cur: 8192, rlim_max: 8192 };
+    // SAFETY: setrlimit with a valid struct; the tests run as root.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &files) }, 0);
+    let c = Containerd::start(&env, &scratch, 3);
+    c.ok(&["run", "-d", "--runtime", RUNTIME, IMAGE, "bystander", "sleep", "1000"]);
+    let dirs: Vec<_> = std::fs::read_dir(&c.vms).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    // A host listener at port 7000 of the VM's hybrid vsock, holding every
+    // connection it gets.
+    let listener = std::os::unix::net::UnixListener::bind(dirs[0].join("vsock.sock_7000")).unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    let vmm = c.vmm_pids()[0];
+    let rss_before = hearth_e2e::proc_status_kib(vmm as u32, "VmRSS").unwrap();
+
+    let flood = |id: &str| {
+        let o = c.run(id, &["--privileged"], &["hearth-guest-tool", "vsock-flood", "2", "7000", "900"]);
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(o.status.success(), "{}", text(&o));
+        let field = |k: &str| -> usize {
+            out.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{k} in {out}"))
+        };
+        (field("connected="), field("refused="))
+    };
+    let (connected, refused) = flood("flood1");
+    assert!(connected > 0 && connected <= 512, "connected {connected}: the cap is 512");
+    assert_eq!(connected + refused, 900);
+    let (again, _) = flood("flood2");
+    hearth_e2e::figure(&format!("vsock flood of 900: {connected} then {again} connected, the rest refused"));
+    assert!(again * 10 >= connected * 9, "the first flood's connections were not freed: {connected} then {again}");
+    let seen = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(seen <= connected + again, "the host listener saw {seen} connections, more than the guest got");
+
+    let rss_after = hearth_e2e::proc_status_kib(vmm as u32, "VmRSS").unwrap();
+    hearth_e2e::figure(&format!("hearth-vmm RSS {rss_before} KiB before the floods, {rss_after} KiB after"));
+    assert!(rss_after < rss_before + 64 * 1024, "hearth-vmm grew from {rss_before} KiB to {rss_after} KiB");
+    let o = c.ctr(&["task", "exec", "--exec-id", "after", "bystander", "echo", "still-here"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "still-here\n", "{}", text(&o));
+    assert_eq!(c.vmm_pids(), [vmm], "the same VM serves on");
+    c.ok(&["task", "kill", "-s", "SIGKILL", "bystander"]);
+    wait_until("the bystander exited", Duration::from_secs(60), || {
+        !c.ok(&["task", "ls"]).lines().any(|l| l.starts_with("bystander ") && l.contains("RUNNING"))
+    });
+    c.ok(&["task", "rm", "bystander"]);
+    c.ok(&["containers", "rm", "bystander"]);
+    wait_until("the VM idled out", Duration::from_secs(120), || c.vmm_pids().is_empty());
+}
+
 /// A shim killed with SIGKILL runs no clean-up of its own: its hearth-vmm
 /// and virtiofsd must die with it, and containerd's clean-up after it (the
 /// shim binary's `delete`) must leave no mount and no VM state; the next

@@ -11,6 +11,9 @@
 //!   and seconds (the vsock benchmark).
 //! - `fuse-hello MOUNTPOINT`: mounts and serves a one-file FUSE filesystem
 //!   over /dev/fuse (see `fuse_hello`).
+//! - `vsock-flood CID PORT N`: opens N connections to CID:PORT one after
+//!   another and keeps them all open, then prints `HEARTH-VSOCK-FLOOD:
+//!   connected=A refused=B` (the escape suite: the VMM's connection cap).
 //! - `hog MIB`: allocates and dirties MIB MiB, to get OOM-killed in a
 //!   memory-limited container (see `hog`).
 
@@ -197,6 +200,19 @@ fn sink(port: u32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Opens `n` connections and holds them; the refusals are the point.
+fn flood(cid: u32, port: u32, n: usize) -> std::io::Result<()> {
+    let (mut held, mut refused) = (Vec::new(), 0usize);
+    for _ in 0..n {
+        match connect(cid, port) {
+            Ok(s) => held.push(s),
+            Err(_) => refused += 1,
+        }
+    }
+    println!("HEARTH-VSOCK-FLOOD: connected={} refused={refused}", held.len());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let num = |i: usize| args.get(i).and_then(|s| s.parse::<usize>().ok());
@@ -217,6 +233,10 @@ fn main() -> ExitCode {
             Some(mountpoint) => fuse_hello::run(std::path::Path::new(mountpoint)),
             _ => Err(std::io::Error::other("usage: fuse-hello MOUNTPOINT")),
         },
+        Some("vsock-flood") => match (num(2), num(3), num(4)) {
+            (Some(cid), Some(port), Some(n)) => flood(cid as u32, port as u32, n),
+            _ => Err(std::io::Error::other("usage: vsock-flood CID PORT N")),
+        },
         Some("hog") => match num(2) {
             Some(mib) => hog::run(mib),
             _ => Err(std::io::Error::other("usage: hog MIB")),
@@ -226,7 +246,7 @@ fn main() -> ExitCode {
             _ => Err(std::io::Error::other("usage: time-runs N LABEL -- COMMAND...")),
         },
         _ => Err(std::io::Error::other(
-            "usage: hearth-guest-tool vsock-echo-server|vsock-echo-client|vsock-sink|fuse-hello|hog|time-runs ...",
+            "usage: hearth-guest-tool vsock-echo-server|vsock-echo-client|vsock-sink|vsock-flood|fuse-hello|hog|time-runs ...",
         )),
     };
     match result {

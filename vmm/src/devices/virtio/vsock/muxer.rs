@@ -473,6 +473,12 @@ impl Muxer {
     }
 
     fn guest_connect(&mut self, h: &Header, poller: &Poller) {
+        // Over the cap, refuse before connecting: a host listener must not
+        // see (and accept) a connection the muxer would drop at once.
+        if self.conns.len() >= self.limits.max_connections {
+            warn_limited!(CAP_WARN, "vsock: {} connections already (the cap); refusing the guest's", self.conns.len());
+            return self.reset_unknown(h);
+        }
         let target = PathBuf::from(format!("{}_{}", self.path.display(), h.dst_port));
         let stream = match connect_nonblocking(&target) {
             Ok(s) => s,
@@ -661,7 +667,7 @@ mod tests {
         mux: Muxer,
         poller: Poller,
         path: PathBuf,
-        _host: UnixListener,
+        host: UnixListener,
     }
 
     impl Rig {
@@ -678,7 +684,7 @@ mod tests {
             let mux = Muxer::with_limits(CID, path.clone(), bind(&path).unwrap(), limits);
             let poller = Poller::new().unwrap();
             mux.register(&poller).unwrap();
-            Rig { mux, poller, path, _host: host }
+            Rig { mux, poller, path, host }
         }
 
         fn guest(&mut self, op: u16, src_port: u32, dst_port: u32) {
@@ -731,9 +737,13 @@ mod tests {
         r.guest(OP_REQUEST, 2, 5000);
         assert_eq!(r.mux.connection_count(), 2);
         assert_eq!(r.control_ops(), vec![OP_RESPONSE, OP_RESPONSE]);
-        // Over the cap: the guest gets RST, a host connection is closed.
+        // Over the cap: the guest gets RST (and the host listener never
+        // sees that connection), a host connection is closed.
         r.guest(OP_REQUEST, 3, 5000);
         assert_eq!(r.control_ops(), vec![OP_RST]);
+        r.host.set_nonblocking(true).unwrap();
+        let seen = std::iter::from_fn(|| r.host.accept().ok()).count();
+        assert_eq!(seen, 2, "the host listener got a connection over the cap");
         let mut s = r.host_connect();
         assert_eq!(r.mux.connection_count(), 2);
         assert!(closed(&mut s), "the connection over the cap is closed, not left in the backlog");
