@@ -110,6 +110,9 @@ fn base() -> Rules {
             // glibc's pthread_kill and raise (with every signal blocked, so
             // a SIGSYS there would kill the process without a word).
             libc::SYS_getpid,
+            // The random keys of a thread's first HashMap (std's RandomState):
+            // the vsock muxer's connection tables, made at activation.
+            libc::SYS_getrandom,
         ],
     );
     // Never executable memory: no new code can be mapped in.
@@ -251,6 +254,8 @@ fn vsock() -> Rules {
             libc::SYS_accept4,
             // Guest connections to host port P: connect to PATH_P.
             libc::SYS_connect,
+            // Reading a host connection (std's UnixStream::read is recv).
+            libc::SYS_recvfrom,
             // Closing one direction of a connection (guest SHUTDOWN).
             libc::SYS_shutdown,
             // The half-open timeout timer.
@@ -260,6 +265,9 @@ fn vsock() -> Rules {
     );
     // Guest connections to the host: Unix sockets only.
     add(&mut r, libc::SYS_socket, arg32_in(0, &[libc::AF_UNIX as u64]));
+    // Writing to a host connection (std's UnixStream::write is send with
+    // MSG_NOSIGNAL): on a connected socket, never to an address.
+    add(&mut r, libc::SYS_sendto, arg_in(4, &[0]));
     // set_nonblocking on accepted connections.
     add(&mut r, libc::SYS_ioctl, arg_in(1, &[FIONBIO]));
     r
