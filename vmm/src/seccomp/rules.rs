@@ -22,7 +22,7 @@ pub type Rules = BTreeMap<i64, Vec<SeccompRule>>;
 const KVM_RUN: u64 = 0xae80;
 const KVM_GET_REGS: u64 = 0x8090_ae81;
 const KVM_GET_SREGS: u64 = 0x8138_ae83;
-const FIONBIO: u64 = libc::FIONBIO as u64;
+const FIONBIO: u64 = libc::FIONBIO;
 /// `File::create`'s flags: the only openat the vCPU thread makes.
 const CREATE_FLAGS: u64 = (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC) as u64;
 

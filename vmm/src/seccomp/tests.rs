@@ -197,9 +197,8 @@ fn vcpu_may_only_create_files_not_open_them() {
     // File::create's flags (console log rotation): allowed (ENOENT here).
     let (fate, stderr) = in_child(ThreadKind::Vcpu, Mode::Trap, || {
         // SAFETY: NUL-terminated path.
-        let fd = unsafe {
-            libc::openat(libc::AT_FDCWD, c"/nonexistent/dir/log".as_ptr(), CREATE_FLAGS_FOR_TEST, 0o666)
-        };
+        let fd =
+            unsafe { libc::openat(libc::AT_FDCWD, c"/nonexistent/dir/log".as_ptr(), CREATE_FLAGS_FOR_TEST, 0o666) };
         if fd == -1 && errno() == libc::ENOENT {
             0
         } else {
@@ -303,7 +302,7 @@ fn rules_are_documented() {
 fn print_allow_lists() {
     for kind in ThreadKind::ALL {
         let r = rules::rules(kind);
-        let names: Vec<String> = r
+        let mut names: Vec<String> = r
             .iter()
             .map(|(nr, rules)| {
                 let name = rules::syscall_name(*nr).unwrap_or("?");
@@ -314,6 +313,29 @@ fn print_allow_lists() {
                 }
             })
             .collect();
+        names.sort();
         println!("- `{}` ({} system calls): {}", kind.name(), r.len(), names.join(", "));
     }
+}
+
+/// The console log's rotation (renamed at its cap, created afresh) happens
+/// on the vCPU thread that writes the console: its filter must allow it.
+#[test]
+fn vcpu_filter_allows_console_log_rotation() {
+    use std::io::Write;
+    let dir = std::env::temp_dir().join(format!("hearth-seccomp-console-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("console.log");
+    let mut log = crate::devices::legacy::console_log::ConsoleLog::with_cap(&path, 64).unwrap();
+    let (fate, stderr) = in_child(ThreadKind::Vcpu, Mode::Trap, move || {
+        for _ in 0..3 {
+            if log.write_all(&[b'x'; 40]).is_err() {
+                return 9;
+            }
+        }
+        0
+    });
+    assert_eq!(fate, Fate::Exited(0), "{stderr}");
+    assert!(dir.join("console.log.1").exists(), "the log was rotated");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
