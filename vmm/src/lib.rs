@@ -14,6 +14,8 @@
 //!   their run loop.
 //! - [`devices`]: what vCPU exits reach: the serial console (which also
 //!   watches for kernel panics) and the i8042 reset line.
+//! - [`seccomp`]: the seccomp filter each kind of thread installs before
+//!   guest code runs (docs/security.md).
 //!
 //! [`run`] ties these together and returns how the guest ended, which the
 //! `hearth-vmm` binary turns into its exit status (see [`GuestExit::code`]).

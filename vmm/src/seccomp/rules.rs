@@ -166,7 +166,6 @@ fn main() -> Rules {
             // Removing virtiofsd's socket and its private directory, and
             // the vsock socket, at the end.
             libc::SYS_unlink,
-            libc::SYS_unlinkat,
             libc::SYS_rmdir,
         ],
     );
@@ -182,7 +181,8 @@ fn vcpu() -> Rules {
     allow(
         &mut r,
         &[
-            // Eventfds (interrupts) and the vhost-user replies of virtiofsd.
+            // A device reset (the driver writes 0 to Status, at every probe)
+            // drains the device's queue eventfds.
             libc::SYS_read,
             // Console log rotation (console_log.rs): the log is renamed to
             // PATH.1 and created afresh, on the thread writing the console.
@@ -232,9 +232,8 @@ fn block() -> Rules {
             // Reads and writes of the image at an offset.
             libc::SYS_pread64,
             libc::SYS_pwrite64,
-            // VIRTIO_BLK_T_FLUSH.
+            // VIRTIO_BLK_T_FLUSH (File::sync_data).
             libc::SYS_fdatasync,
-            libc::SYS_fsync,
         ],
     );
     r
@@ -258,9 +257,8 @@ fn vsock() -> Rules {
             libc::SYS_recvfrom,
             // Closing one direction of a connection (guest SHUTDOWN).
             libc::SYS_shutdown,
-            // The half-open timeout timer.
+            // Arming the half-open timeout timer (made at activation).
             libc::SYS_timerfd_settime,
-            libc::SYS_timerfd_create,
         ],
     );
     // Guest connections to the host: Unix sockets only.
