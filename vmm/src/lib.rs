@@ -223,8 +223,9 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     // No guest code runs before every thread has its seccomp filter: the
-    // vCPUs wait here for the main thread, which installs its own last.
-    let filtered = Arc::new(Barrier::new(config.vcpus as usize + 1));
+    // vCPUs (and the console input thread) wait here for the main thread,
+    // which installs its own last.
+    let filtered = Arc::new(Barrier::new(config.vcpus as usize + 1 + config.console_input as usize));
     for vcpu in vcpus {
         let stop = stop.clone();
         let filtered = filtered.clone();
@@ -239,7 +240,7 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
         threads.push(thread);
     }
     if config.console_input {
-        spawn_console_input(console.clone())?;
+        spawn_console_input(console.clone(), filtered.clone())?;
     }
     seccomp::apply(seccomp::ThreadKind::Main)?;
     filtered.wait();
@@ -267,12 +268,13 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
 
 /// Copies stdin into the serial console's receive FIFO, waiting while the
 /// guest has not drained it yet. Ends at end of input.
-fn spawn_console_input(console: Arc<SerialConsole>) -> Result<(), Error> {
+fn spawn_console_input(console: Arc<SerialConsole>, filtered: Arc<Barrier>) -> Result<(), Error> {
     use std::io::Read;
     std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
             seccomp::apply_or_exit(seccomp::ThreadKind::ConsoleIn);
+            filtered.wait();
             let mut buf = [0u8; 64];
             let mut stdin = std::io::stdin().lock();
             while let Ok(n @ 1..) = stdin.read(&mut buf) {
