@@ -14,6 +14,8 @@
 //!   their run loop.
 //! - [`devices`]: what vCPU exits reach: the serial console (which also
 //!   watches for kernel panics) and the i8042 reset line.
+//! - [`seccomp`]: the seccomp filter each kind of thread installs before
+//!   guest code runs (docs/security.md).
 //!
 //! [`run`] ties these together and returns how the guest ended, which the
 //! `hearth-vmm` binary turns into its exit status (see [`GuestExit::code`]).
@@ -24,6 +26,7 @@ pub mod checks;
 pub mod config;
 pub mod device_manager;
 pub mod devices;
+pub mod seccomp;
 pub mod vstate;
 
 use std::io::Write;
@@ -31,7 +34,7 @@ use std::os::fd::IntoRawFd;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::channel;
-use std::sync::Arc;
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -102,6 +105,8 @@ pub enum Error {
     Disk { path: String, source: std::io::Error },
     #[error("cannot open the tap {tap}: {source}")]
     Net { tap: String, source: std::io::Error },
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::Error),
     #[error("setting up the VMM: {0}")]
     Setup(String),
 }
@@ -217,17 +222,28 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
+    // No guest code runs before every thread has its seccomp filter: the
+    // vCPUs (and the console input thread) wait here for the main thread,
+    // which installs its own last.
+    let filtered = Arc::new(Barrier::new(config.vcpus as usize + 1 + config.console_input as usize));
     for vcpu in vcpus {
         let stop = stop.clone();
+        let filtered = filtered.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.id))
-            .spawn(move || vcpu.run(stop))
+            .spawn(move || {
+                seccomp::apply_or_exit(seccomp::ThreadKind::Vcpu);
+                filtered.wait();
+                vcpu.run(stop)
+            })
             .map_err(|e| Error::Setup(format!("spawning a vCPU thread: {e}")))?;
         threads.push(thread);
     }
     if config.console_input {
-        spawn_console_input(console.clone())?;
+        spawn_console_input(console.clone(), filtered.clone())?;
     }
+    seccomp::apply(seccomp::ThreadKind::Main)?;
+    filtered.wait();
     tracing::info!(setup_ms = started.elapsed().as_millis() as u64, "vCPUs started");
     drop(events);
 
@@ -252,11 +268,13 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
 
 /// Copies stdin into the serial console's receive FIFO, waiting while the
 /// guest has not drained it yet. Ends at end of input.
-fn spawn_console_input(console: Arc<SerialConsole>) -> Result<(), Error> {
+fn spawn_console_input(console: Arc<SerialConsole>, filtered: Arc<Barrier>) -> Result<(), Error> {
     use std::io::Read;
     std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
+            seccomp::apply_or_exit(seccomp::ThreadKind::ConsoleIn);
+            filtered.wait();
             let mut buf = [0u8; 64];
             let mut stdin = std::io::stdin().lock();
             while let Ok(n @ 1..) = stdin.read(&mut buf) {

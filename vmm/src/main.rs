@@ -8,6 +8,7 @@ use hearth_vmm::config::{
     BalloonConfig, Console, DiskConfig, FsConfig, NetConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE,
     DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
 };
+use hearth_vmm::seccomp::Mode;
 use hearth_vmm::{GuestExit, EXIT_VMM_ERROR};
 
 /// Boot a Linux kernel in a KVM virtual machine, with the serial console on
@@ -15,7 +16,8 @@ use hearth_vmm::{GuestExit, EXIT_VMM_ERROR};
 ///
 /// Exit status: 0 the guest shut down, 1 the VMM failed (the message says
 /// why and what to do), 2 bad arguments, 3 the guest kernel panicked,
-/// 4 the guest crashed its vCPU.
+/// 4 the guest crashed its vCPU, 5 a VMM thread made a system call its
+/// seccomp filter forbids (`--seccomp=trap`).
 #[derive(Parser, Debug)]
 #[command(name = "hearth-vmm", version)]
 struct Args {
@@ -64,6 +66,12 @@ struct Args {
     /// memory it frees, and the VMM gives it back to the host.
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "", value_parser = BalloonConfig::parse)]
     balloon: Option<BalloonConfig>,
+    /// What a system call outside a VMM thread's seccomp allow-list does:
+    /// `trap` (SIGSYS: the call is named on stderr and the VMM exits with
+    /// status 5), `kill` (the kernel kills the VMM), `log` (allowed, and
+    /// logged by the kernel: for debugging a filter), `off` (no filters).
+    #[arg(long, value_name = "MODE", default_value = "trap", value_parser = Mode::parse)]
+    seccomp: Mode,
 }
 
 fn main() -> ExitCode {
@@ -75,6 +83,10 @@ fn main() -> ExitCode {
         )
         .init();
     let args = Args::parse();
+    if let Err(e) = hearth_vmm::seccomp::init(args.seccomp) {
+        eprintln!("hearth-vmm: error: {e}");
+        return ExitCode::from(EXIT_VMM_ERROR as u8);
+    }
     let console_input = args.console == "stdout";
     let config = VmConfig {
         kernel: args.kernel,

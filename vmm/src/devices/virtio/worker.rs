@@ -78,27 +78,33 @@ pub fn spawn(name: &str, mut worker: impl DeviceWorker) -> Result<WorkerHandle, 
     poller.add(stop.as_raw_fd(), STOP_TOKEN, EventSet::IN).map_err(|e| err("epoll_ctl", e))?;
     worker.init(&poller).map_err(|e| err("registering descriptors", e))?;
     let thread_name = name.to_string();
-    let thread = std::thread::Builder::new()
-        .name(thread_name.clone())
-        .spawn(move || {
-            let mut events = vec![EpollEvent::default(); 64];
-            loop {
-                let n = match poller.epoll.wait(-1, &mut events) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        tracing::error!("{thread_name}: epoll_wait: {e}");
-                        return;
-                    }
-                };
-                for ev in &events[..n] {
-                    if ev.data() == STOP_TOKEN {
-                        return;
-                    }
-                    worker.handle(ev.data(), ev.event_set(), &poller);
+    let kind = crate::seccomp::ThreadKind::of_worker(name);
+    let body = Box::new(move || {
+        // Before the first guest request: from here on, this thread
+        // makes only its kind's system calls (seccomp/rules.rs).
+        if let Some(kind) = kind {
+            crate::seccomp::apply_or_exit(kind);
+        }
+        let mut events = vec![EpollEvent::default(); 64];
+        loop {
+            let n = match poller.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("{thread_name}: epoll_wait: {e}");
+                    return;
                 }
+            };
+            for ev in &events[..n] {
+                if ev.data() == STOP_TOKEN {
+                    return;
+                }
+                worker.handle(ev.data(), ev.event_set(), &poller);
             }
-        })
-        .map_err(|e| err("spawning the thread", e))?;
+        }
+    });
+    // Through the spawner when filters are on, so that the worker is not
+    // held to the filter of the vCPU thread that activates the device.
+    let thread = crate::seccomp::spawn_thread(name.to_string(), body).map_err(|e| err("spawning the thread", e))?;
     Ok(WorkerHandle { stop, thread: Some(thread) })
 }

@@ -649,12 +649,6 @@ fn header(guest_cid: u64, c: &Conn, op: u16, flags: u32) -> Header {
     }
 }
 
-impl Drop for Muxer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
