@@ -2,7 +2,8 @@
 //! process, and the threads that copy between them.
 //!
 //! The caller listens on the ports it names in the request and the agent
-//! connects (see hearth_agent_protocol::transport). The process gets pipes,
+//! connects, writing each stream's token first (see
+//! hearth_agent_protocol::transport). The process gets pipes,
 //! not the streams themselves, so that it sees what it would see under runc
 //! (`/dev/stdout` can be opened, for one) and so the agent can close stdin on
 //! request and know when the output has all been delivered.
@@ -20,7 +21,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hearth_agent_protocol::agent::Stdio;
-use hearth_agent_protocol::transport::{stdio_socket_path, HOST_CID};
+use hearth_agent_protocol::transport::{present_token, stdio_socket_path, HOST_CID};
 use nix::sys::socket::{
     connect, recvmsg, socket, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, VsockAddr,
 };
@@ -35,7 +36,16 @@ pub enum Dialer {
 }
 
 impl Dialer {
-    pub fn dial(&self, port: u32) -> io::Result<UnixStream> {
+    /// Connects stdio `port` and presents the stream's token, first thing
+    /// (the caller takes no other connection: see
+    /// hearth_agent_protocol::transport).
+    pub fn dial(&self, port: u32, token: &[u8]) -> io::Result<UnixStream> {
+        let mut stream = self.connect(port)?;
+        present_token(&mut stream, token).map_err(|e| io::Error::new(e.kind(), format!("stdio port {port}: {e}")))?;
+        Ok(stream)
+    }
+
+    fn connect(&self, port: u32) -> io::Result<UnixStream> {
         match self {
             Dialer::Unix(sock) => {
                 let path = stdio_socket_path(sock, port);
@@ -110,7 +120,7 @@ impl StdioSession {
                     "with a terminal, one stream on stdout_port carries input and output: set only stdout_port",
                 ));
             }
-            let stream = dialer.dial(req.stdout_port)?;
+            let stream = dialer.dial(req.stdout_port, &req.stdout_token)?;
             let socket_path = scratch.join(format!("{name}.console"));
             let _ = std::fs::remove_file(&socket_path);
             let listener = UnixListener::bind(&socket_path)?;
@@ -121,7 +131,7 @@ impl StdioSession {
         }
 
         let stdin = if req.stdin_port != 0 {
-            let stream = dialer.dial(req.stdin_port)?;
+            let stream = dialer.dial(req.stdin_port, &req.stdin_token)?;
             let (r, w) = pipe()?;
             *session.stdin.lock().unwrap() = Some(w);
             let sink = session.stdin.clone();
@@ -130,11 +140,11 @@ impl StdioSession {
         } else {
             devnull(false)?
         };
-        let mut output = |port: u32| -> io::Result<OwnedFd> {
+        let mut output = |port: u32, token: &[u8]| -> io::Result<OwnedFd> {
             if port == 0 {
                 return devnull(true);
             }
-            let stream = dialer.dial(port)?;
+            let stream = dialer.dial(port, token)?;
             let (r, w) = pipe()?;
             let (tx, rx) = mpsc::channel();
             session.output_done.push(rx);
@@ -145,8 +155,8 @@ impl StdioSession {
             }));
             Ok(w.into())
         };
-        let stdout = output(req.stdout_port)?;
-        let stderr = output(req.stderr_port)?;
+        let stdout = output(req.stdout_port, &req.stdout_token)?;
+        let stderr = output(req.stderr_port, &req.stderr_token)?;
         Ok((
             session,
             ProcessEnds { stdin: Some(stdin), stdout: Some(stdout), stderr: Some(stderr), console_socket: None },

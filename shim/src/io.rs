@@ -1,6 +1,13 @@
 //! Process stdio between containerd and the agent: containerd hands the shim
 //! FIFO paths (or log files); the agent connects one stream per stdio port to
 //! `<vsock socket>_<port>`, where the shim listens. Threads copy between them.
+//!
+//! Any process in the guest can connect to those ports, and in a VM shared by
+//! several containers the one that connects first must not become another
+//! container's stdin or stdout. So each stream gets a random port and a
+//! random token, which the shim hands the agent in the request over the
+//! agent's own channel; the agent writes the token first, and the shim takes
+//! only the connection that presents it and closes every other one unread.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -8,15 +15,12 @@ use std::net::Shutdown;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use hearth_agent_protocol::agent::Stdio;
-use hearth_agent_protocol::transport::{accept_within, listen_stdio, stdio_socket_path};
-
-static NEXT_PORT: AtomicU32 = AtomicU32::new(0x1_0000);
+use hearth_agent_protocol::transport::{accept_stdio, listen_stdio_random, stdio_socket_path, StdioToken};
 
 /// What containerd asked for one process.
 #[derive(Debug, Clone, Default)]
@@ -31,9 +35,16 @@ pub struct StdioPaths {
 pub struct Pending {
     socket: PathBuf,
     paths: StdioPaths,
-    stdin: Option<(u32, UnixListener)>,
-    stdout: Option<(u32, UnixListener)>,
-    stderr: Option<(u32, UnixListener)>,
+    stdin: Option<Listener>,
+    stdout: Option<Listener>,
+    stderr: Option<Listener>,
+}
+
+/// One stream's listener and the token its connection must present.
+struct Listener {
+    port: u32,
+    listener: UnixListener,
+    token: StdioToken,
 }
 
 /// The copying for one running process.
@@ -48,43 +59,53 @@ pub struct ProcessIo {
     notice: Mutex<Option<(File, bool)>>,
 }
 
-fn port() -> u32 {
-    NEXT_PORT.fetch_add(1, Ordering::SeqCst)
+/// Listens on a random port with a fresh token; returns what the agent is
+/// told (port, token).
+fn listen(vsock: &Path) -> Result<(u32, Vec<u8>, Listener)> {
+    let (port, listener) = listen_stdio_random(vsock).context("listening for a stdio stream")?;
+    let token = StdioToken::random().context("making a stdio token")?;
+    Ok((port, token.as_bytes().to_vec(), Listener { port, listener, token }))
 }
 
 pub fn prepare(vsock: &Path, paths: &StdioPaths) -> Result<(Stdio, Pending)> {
     let mut req = Stdio { terminal: paths.terminal, ..Default::default() };
-    let listen = |p: u32| -> Result<(u32, UnixListener)> { Ok((p, listen_stdio(vsock, p)?)) };
     let mut pending =
         Pending { socket: vsock.to_path_buf(), paths: paths.clone(), stdin: None, stdout: None, stderr: None };
     if paths.terminal {
         // One stream carries the PTY both ways.
-        let p = port();
-        req.stdout_port = p;
-        pending.stdout = Some(listen(p)?);
+        let (p, t, l) = listen(vsock)?;
+        (req.stdout_port, req.stdout_token, pending.stdout) = (p, t, Some(l));
         return Ok((req, pending));
     }
     if !paths.stdin.is_empty() {
-        let p = port();
-        req.stdin_port = p;
-        pending.stdin = Some(listen(p)?);
+        let (p, t, l) = listen(vsock)?;
+        (req.stdin_port, req.stdin_token, pending.stdin) = (p, t, Some(l));
     }
     if !paths.stdout.is_empty() {
-        let p = port();
-        req.stdout_port = p;
-        pending.stdout = Some(listen(p)?);
+        let (p, t, l) = listen(vsock)?;
+        (req.stdout_port, req.stdout_token, pending.stdout) = (p, t, Some(l));
     }
     if !paths.stderr.is_empty() {
-        let p = port();
-        req.stderr_port = p;
-        pending.stderr = Some(listen(p)?);
+        let (p, t, l) = listen(vsock)?;
+        (req.stderr_port, req.stderr_token, pending.stderr) = (p, t, Some(l));
     }
     Ok((req, pending))
 }
 
-fn accept(l: &(u32, UnixListener)) -> Result<UnixStream> {
-    accept_within(&l.1, Duration::from_secs(30))
-        .with_context(|| format!("the agent never connected stdio port {}", l.0))
+fn accept(l: &Listener) -> Result<UnixStream> {
+    let (stream, refused) = accept_stdio(&l.listener, &l.token, Duration::from_secs(30))
+        .with_context(|| format!("the agent never connected stdio port {}", l.port))?;
+    if refused.wrong + refused.incomplete > 0 {
+        // A guest process raced the agent to this port.
+        log::warn!(
+            "stdio port {}: closed {} connection(s) with a wrong token and {} that sent none, \
+             from guest processes racing the agent",
+            l.port,
+            refused.wrong,
+            refused.incomplete
+        );
+    }
+    Ok(stream)
 }
 
 /// Opens containerd's side of an output: a FIFO (opened for writing; ctr
@@ -193,7 +214,7 @@ impl Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         for p in [&self.stdin, &self.stdout, &self.stderr].into_iter().flatten() {
-            let _ = std::fs::remove_file(stdio_socket_path(&self.socket, p.0));
+            let _ = std::fs::remove_file(stdio_socket_path(&self.socket, p.port));
         }
     }
 }
@@ -222,5 +243,82 @@ impl ProcessIo {
             let nl = if terminal { "\r\n" } else { "\n" };
             let _ = write!(f, "hearth: {msg}{nl}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest process that reaches a stdio port before the agent gets
+    /// nothing of the stream and puts nothing into it.
+    #[test]
+    fn impostors_on_stdio_ports_get_and_give_nothing() {
+        let dir = std::env::temp_dir().join(format!("hearth-shim-io-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let vsock = dir.join("vsock.sock");
+        let input = dir.join("stdin");
+        std::fs::write(&input, "the secret input").unwrap();
+        let paths = StdioPaths {
+            stdin: input.display().to_string(),
+            stdout: dir.join("stdout").display().to_string(),
+            stderr: dir.join("stderr").display().to_string(),
+            terminal: false,
+        };
+        let (req, pending) = prepare(&vsock, &paths).unwrap();
+        let ports = [req.stdin_port, req.stdout_port, req.stderr_port];
+        assert!(ports.iter().all(|&p| p >= 0x1_0000), "{ports:?}");
+        for t in [&req.stdin_token, &req.stdout_token, &req.stderr_token] {
+            assert_eq!(t.len(), 32);
+        }
+        assert_ne!(req.stdout_token, req.stderr_token);
+
+        // The impostors come first: without a token, with another stream's
+        // token, with a guessed one.
+        let connect = |p: u32| UnixStream::connect(stdio_socket_path(&vsock, p)).unwrap();
+        let mut thief = connect(req.stdin_port);
+        thief.write_all(&req.stdout_token).unwrap();
+        let mut forger = connect(req.stdout_port);
+        forger.write_all(&[7u8; 32]).unwrap();
+        forger.write_all(b"forged output\n").unwrap();
+        let silent = connect(req.stderr_port);
+
+        // Then the agent, as the guest runtime does it.
+        let agent = |p: u32, t: &[u8]| {
+            let mut s = connect(p);
+            s.write_all(t).unwrap();
+            s
+        };
+        let mut stdin = agent(req.stdin_port, &req.stdin_token);
+        let mut stdout = agent(req.stdout_port, &req.stdout_token);
+        let mut stderr = agent(req.stderr_port, &req.stderr_token);
+        let io = pending.start().unwrap();
+        stdout.write_all(b"real output\n").unwrap();
+        stderr.write_all(b"real error\n").unwrap();
+        drop((stdout, stderr));
+        let mut got = String::new();
+        stdin.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "the secret input");
+        io.drain(Duration::from_secs(10));
+
+        assert_eq!(std::fs::read_to_string(&paths.stdout).unwrap(), "real output\n");
+        assert_eq!(std::fs::read_to_string(&paths.stderr).unwrap(), "real error\n");
+        for mut s in [thief, forger, silent] {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut got = Vec::new();
+            // Closed with its own bytes unread, a Unix socket's peer may
+            // see a reset rather than the end: either way, nothing came.
+            match s.read_to_end(&mut got) {
+                Ok(_) => {}
+                Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+            }
+            assert!(got.is_empty(), "an impostor read {got:?}");
+        }
+        // The listeners are gone once the streams are taken.
+        for p in ports {
+            assert!(!stdio_socket_path(&vsock, p).exists());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
