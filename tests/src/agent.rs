@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use hearth_agent_protocol::agent::*;
-use hearth_agent_protocol::transport::{accept_within, listen_stdio, AgentAddress};
+use hearth_agent_protocol::transport::{
+    accept_stdio, listen_stdio, stdio_socket_path, AgentAddress, StdioToken, STDIO_TOKEN_LEN,
+};
 use hearth_agent_protocol::AgentClient;
 use serde_json::{json, Value};
 
@@ -164,10 +166,16 @@ impl Io {
     }
 }
 
-/// Accepts the agent's connection on a stdio port, giving up after a while
-/// (if the request failed, nobody ever comes).
-fn accept_one(l: UnixListener) -> Option<UnixStream> {
-    accept_within(&l, Duration::from_secs(120)).ok()
+/// Accepts the agent's connection on a stdio port, the one presenting the
+/// stream's token, giving up after a while (if the request failed, nobody
+/// ever comes but the caller's own wake-up, see PendingIo::finish).
+fn accept_one(l: UnixListener, token: StdioToken) -> Option<UnixStream> {
+    accept_stdio(&l, &token, Duration::from_secs(120)).ok().map(|(s, _)| s)
+}
+
+/// A stdio port's listener and token, as the shim makes them.
+fn listen(sock: &Path, port: u32) -> Result<(UnixListener, StdioToken)> {
+    Ok((listen_stdio(sock, port)?, StdioToken::random()?))
 }
 
 /// How a run went.
@@ -193,7 +201,7 @@ impl Agent {
         Ok(Agent { addr, client, rootfs, next_port: AtomicU32::new(20_000) })
     }
 
-    fn port(&self) -> u32 {
+    pub fn port(&self) -> u32 {
         self.next_port.fetch_add(1, Ordering::SeqCst)
     }
 
@@ -204,27 +212,35 @@ impl Agent {
         let mut p = PendingIo::default();
         if terminal {
             req.stdout_port = self.port();
-            let l = listen_stdio(sock, req.stdout_port)?;
-            p.pty = Some(std::thread::spawn(move || accept_one(l)));
+            let (l, t) = listen(sock, req.stdout_port)?;
+            req.stdout_token = t.as_bytes().to_vec();
+            p.ports.push((req.stdout_port, t.clone()));
+            p.pty = Some(std::thread::spawn(move || accept_one(l, t)));
             return Ok((req, p));
         }
         if stdin {
             req.stdin_port = self.port();
-            let l = listen_stdio(sock, req.stdin_port)?;
-            p.stdin = Some(std::thread::spawn(move || accept_one(l)));
+            let (l, t) = listen(sock, req.stdin_port)?;
+            req.stdin_token = t.as_bytes().to_vec();
+            p.ports.push((req.stdin_port, t.clone()));
+            p.stdin = Some(std::thread::spawn(move || accept_one(l, t)));
         }
-        for (port, slot) in [(&mut req.stdout_port, &mut p.stdout), (&mut req.stderr_port, &mut p.stderr)] {
+        for (port, token, slot) in [
+            (&mut req.stdout_port, &mut req.stdout_token, &mut p.stdout),
+            (&mut req.stderr_port, &mut req.stderr_token, &mut p.stderr),
+        ] {
             *port = self.port();
-            let l = listen_stdio(sock, *port)?;
+            let (l, t) = listen(sock, *port)?;
+            *token = t.as_bytes().to_vec();
+            p.ports.push((*port, t.clone()));
             *slot = Some(std::thread::spawn(move || {
                 let mut out = Vec::new();
-                if let Some(mut s) = accept_one(l) {
+                if let Some(mut s) = accept_one(l, t) {
                     let _ = s.read_to_end(&mut out);
                 }
                 out
             }));
         }
-        p.ports = vec![req.stdin_port, req.stdout_port, req.stderr_port];
         Ok((req, p))
     }
 
@@ -317,21 +333,25 @@ struct PendingIo {
     pty: Option<JoinHandle<Option<UnixStream>>>,
     stdout: Option<JoinHandle<Vec<u8>>>,
     stderr: Option<JoinHandle<Vec<u8>>>,
-    ports: Vec<u32>,
+    /// Each stream's port and token.
+    ports: Vec<(u32, StdioToken)>,
 }
 
 impl PendingIo {
     fn finish(self, sock: &Path, created: bool) -> Io {
         if !created {
-            // Nobody will connect: wake the acceptors with our own connections.
-            for port in self.ports.iter().filter(|p| **p != 0) {
-                let _ = UnixStream::connect(hearth_agent_protocol::transport::stdio_socket_path(sock, *port));
+            // Nobody will connect: wake the acceptors with our own
+            // connections, which present the tokens and end at once.
+            for (port, token) in &self.ports {
+                if let Ok(mut s) = UnixStream::connect(stdio_socket_path(sock, *port)) {
+                    let _ = s.write_all(token.as_bytes());
+                }
             }
         }
         let join = |h: Option<JoinHandle<Option<UnixStream>>>| h.and_then(|h| h.join().ok().flatten());
         let io = Io { stdin: join(self.stdin), pty: join(self.pty), stdout: self.stdout, stderr: self.stderr };
-        for port in self.ports.iter().filter(|p| **p != 0) {
-            let _ = std::fs::remove_file(hearth_agent_protocol::transport::stdio_socket_path(sock, *port));
+        for (port, _) in &self.ports {
+            let _ = std::fs::remove_file(stdio_socket_path(sock, *port));
         }
         io
     }
@@ -635,6 +655,93 @@ pub fn case_bad_input(a: &Agent) -> Result<()> {
     Ok(())
 }
 
+/// A process that reaches a stdio port before the agent does (in a VM: a
+/// container's process connecting to the host's vsock port; natively: a
+/// process connecting to the socket) is closed unread: the victim's output
+/// arrives whole and only from the agent, and the impostor reads nothing.
+pub fn case_stdio_impostors(a: &Agent) -> Result<()> {
+    let sock = a.addr.socket().to_path_buf();
+    let port = a.port();
+    let (listener, token) = listen(&sock, port)?;
+    let token_bytes = token.as_bytes().to_vec();
+    let in_vm = matches!(a.addr, AgentAddress::HybridVsock { .. });
+
+    // The impostor connects first, and says so before the victim is made.
+    let mut guest_io = None;
+    let mut local = None;
+    if in_vm {
+        let mut s = spec(&["/bin/hearth-guest-tool", "stdio-impostor", "2", &port.to_string()]);
+        s["process"]["terminal"] = json!(true);
+        let (_, mut io) = a.create("impostor", &s, false)?;
+        a.start("impostor")?;
+        let pty = io.pty.as_mut().context("no PTY stream for the impostor")?;
+        let seen = read_until(pty, "HEARTH-IMPOSTOR: connected")?;
+        ensure!(seen.contains("HEARTH-IMPOSTOR: connected"), "the impostor never connected: {seen:?}");
+        guest_io = Some(io);
+    } else {
+        let mut s = UnixStream::connect(stdio_socket_path(&sock, port))?;
+        s.write_all(&[b'X'; STDIO_TOKEN_LEN])?;
+        s.write_all(b"FORGED\n")?;
+        local = Some(s);
+    }
+
+    let taker = std::thread::spawn(move || -> Result<(String, hearth_agent_protocol::transport::Refused)> {
+        let (mut s, refused) = accept_stdio(&listener, &token, Duration::from_secs(120))?;
+        // Bounded: an accepted impostor never closes its end, and the case
+        // must then fail rather than hang.
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).context("reading the victim's stdout from the accepted connection")?;
+        Ok((out, refused))
+    });
+    let id = "victim";
+    let req = CreateContainerRequest {
+        container_id: id.into(),
+        spec_json: serde_json::to_vec(&spec(&["/bin/echo", "victim output"]))?,
+        rootfs: Some(a.rootfs_overlay()).into(),
+        stdio: Some(Stdio { stdout_port: port, stdout_token: token_bytes.clone(), ..Default::default() }).into(),
+        ..Default::default()
+    };
+    let created = a.client.create_container(ctx(), &req);
+    if created.is_err() {
+        // Wake the taker, as PendingIo::finish does.
+        if let Ok(mut s) = UnixStream::connect(stdio_socket_path(&sock, port)) {
+            let _ = s.write_all(&token_bytes);
+        }
+    }
+    let result = (|| {
+        created.context("creating the victim")?;
+        a.start(id)?;
+        let w = a.wait(id, "")?;
+        ensure!(w.exit_status == 0, "the victim exited {}", w.exit_status);
+        let (out, refused) = taker.join().map_err(|_| anyhow::anyhow!("the stdio taker panicked"))??;
+        ensure!(out == "victim output\n", "the victim's stdout as the caller got it: {out:?}");
+        ensure!(refused.wrong == 1, "the impostor's connection was not the one refused: {refused:?}");
+
+        // The impostor got nothing of the stream, only its end.
+        if let Some(mut io) = guest_io.take() {
+            let w = a.wait("impostor", "")?;
+            let pty = io.pty.as_mut().context("no PTY stream for the impostor")?;
+            let seen = read_until(pty, "HEARTH-IMPOSTOR: read")?;
+            ensure!(seen.contains("HEARTH-IMPOSTOR: read 0 bytes"), "the impostor's report: {seen:?}");
+            ensure!(w.exit_status == 0, "the impostor exited {}", w.exit_status);
+        }
+        if let Some(mut s) = local.take() {
+            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let mut got = Vec::new();
+            if let Err(e) = s.read_to_end(&mut got) {
+                ensure!(e.kind() == std::io::ErrorKind::ConnectionReset, "the impostor's read: {e}");
+            }
+            ensure!(got.is_empty(), "the impostor read {got:?}");
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(stdio_socket_path(&sock, port));
+    let d = a.delete(id);
+    let d2 = if in_vm { a.delete("impostor") } else { Ok(()) };
+    result.and(d).and(d2)
+}
+
 pub type Case = fn(&Agent) -> Result<()>;
 
 /// Runs every case (or those whose names contain one of the comma-separated
@@ -670,4 +777,5 @@ pub const CASES: &[(&str, Case)] = &[
     ("fuse", case_fuse),
     ("overlay_inside", case_overlay_inside),
     ("bad_input", case_bad_input),
+    ("stdio_impostors", case_stdio_impostors),
 ];

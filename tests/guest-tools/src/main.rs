@@ -213,6 +213,28 @@ fn flood(cid: u32, port: u32, n: usize) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Connects to a host stdio port before the agent does (retrying until
+/// the caller listens), sends a made-up token and forged output, and reports
+/// what it read back: a shim that checks tokens closes it unread.
+fn stdio_impostor(cid: u32, port: u32) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut s = loop {
+        match connect(cid, port) {
+            Ok(s) => break s,
+            Err(e) if std::time::Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    };
+    println!("HEARTH-IMPOSTOR: connected");
+    // The stream may already be closed: what matters is what comes back.
+    let _ = s.write_all(&[b'X'; 32]);
+    let _ = s.write_all(b"FORGED\n");
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    println!("HEARTH-IMPOSTOR: read {} bytes", got.len());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let num = |i: usize| args.get(i).and_then(|s| s.parse::<usize>().ok());
@@ -237,6 +259,10 @@ fn main() -> ExitCode {
             (Some(cid), Some(port), Some(n)) => flood(cid as u32, port as u32, n),
             _ => Err(std::io::Error::other("usage: vsock-flood CID PORT N")),
         },
+        Some("stdio-impostor") => match (num(2), num(3)) {
+            (Some(cid), Some(port)) => stdio_impostor(cid as u32, port as u32),
+            _ => Err(std::io::Error::other("usage: stdio-impostor CID PORT")),
+        },
         Some("hog") => match num(2) {
             Some(mib) => hog::run(mib),
             _ => Err(std::io::Error::other("usage: hog MIB")),
@@ -246,7 +272,7 @@ fn main() -> ExitCode {
             _ => Err(std::io::Error::other("usage: time-runs N LABEL -- COMMAND...")),
         },
         _ => Err(std::io::Error::other(
-            "usage: hearth-guest-tool vsock-echo-server|vsock-echo-client|vsock-sink|vsock-flood|fuse-hello|hog|time-runs ...",
+            "usage: hearth-guest-tool vsock-echo-server|vsock-echo-client|vsock-sink|vsock-flood|stdio-impostor|fuse-hello|hog|time-runs ...",
         )),
     };
     match result {
