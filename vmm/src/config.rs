@@ -46,6 +46,9 @@ pub struct VmConfig {
     /// A virtio-balloon device (free page reporting gives memory the guest
     /// frees back to the host); off unless given.
     pub balloon: Option<BalloonConfig>,
+    /// Jail the VMM in this directory once set up (see [`crate::jail`]):
+    /// the vsock socket and the console log must be directly inside it.
+    pub jail: Option<PathBuf>,
 }
 
 /// A virtio-net device: the host tap behind it and the guest's MAC address.
@@ -147,6 +150,7 @@ impl VmConfig {
             vsock: None,
             shares: Vec::new(),
             balloon: None,
+            jail: None,
         }
     }
 }

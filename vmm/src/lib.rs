@@ -16,6 +16,8 @@
 //!   watches for kernel panics) and the i8042 reset line.
 //! - [`seccomp`]: the seccomp filter each kind of thread installs before
 //!   guest code runs (docs/security.md).
+//! - [`jail`]: with `--jail`, the namespaces, root and (no) capabilities the
+//!   VMM keeps once set up (docs/security.md).
 //!
 //! [`run`] ties these together and returns how the guest ended, which the
 //! `hearth-vmm` binary turns into its exit status (see [`GuestExit::code`]).
@@ -26,6 +28,7 @@ pub mod checks;
 pub mod config;
 pub mod device_manager;
 pub mod devices;
+pub mod jail;
 pub mod seccomp;
 pub mod vstate;
 
@@ -107,6 +110,8 @@ pub enum Error {
     Net { tap: String, source: std::io::Error },
     #[error(transparent)]
     Seccomp(#[from] seccomp::Error),
+    #[error(transparent)]
+    Jail(#[from] jail::Error),
     #[error("setting up the VMM: {0}")]
     Setup(String),
 }
@@ -119,6 +124,18 @@ pub fn run(config: &VmConfig) -> Result<GuestExit, Error> {
 pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error> {
     let started = Instant::now();
     host.check_config(config)?;
+    // Where the files reached by path at run time will be, once jailed.
+    let mut console_in_jail = None;
+    let mut vsock_in_jail = None;
+    if let Some(jail) = &config.jail {
+        jail::check(jail)?;
+        if let Console::File(path) = &config.console {
+            console_in_jail = Some(jail::inside(jail, path, "the console log")?);
+        }
+        if let Some(v) = &config.vsock {
+            vsock_in_jail = Some(jail::inside(jail, &v.socket, "the vsock socket")?);
+        }
+    }
     let kvm_file = host.check_kvm()?;
     // SAFETY: the descriptor was just opened on the KVM device and is owned by
     // nothing else once turned into a raw fd.
@@ -141,10 +158,14 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
     let out: Box<dyn Write + Send> = match &config.console {
         Console::Stdout => Box::new(std::io::stdout()),
         // Capped and rotated: the guest can print forever.
-        Console::File(path) => Box::new(
-            devices::legacy::console_log::ConsoleLog::create(path)
-                .map_err(|source| Error::ConsoleLog { path: path.display().to_string(), source })?,
-        ),
+        Console::File(path) => {
+            let mut log = devices::legacy::console_log::ConsoleLog::create(path)
+                .map_err(|source| Error::ConsoleLog { path: path.display().to_string(), source })?;
+            if let Some(p) = console_in_jail.take() {
+                log.reached_at(p);
+            }
+            Box::new(log)
+        }
         Console::Off => Box::new(std::io::sink()),
     };
     let sink = ConsoleSink::new(out, events.clone());
@@ -174,8 +195,11 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
         devices.attach(&vm.fd, &vm.memory, &mut mmio, Box::new(dev))?;
     }
     if let Some(vsock) = &config.vsock {
-        let dev = devices::virtio::vsock::Vsock::new(vsock.clone())
+        let mut dev = devices::virtio::vsock::Vsock::new(vsock.clone())
             .map_err(|source| Error::VsockSocket { path: vsock.socket.display().to_string(), source })?;
+        if let Some(p) = vsock_in_jail.take() {
+            dev.reached_at(p);
+        }
         devices.attach(&vm.fd, &vm.memory, &mut mmio, Box::new(dev))?;
     }
     for share in &config.shares {
@@ -216,6 +240,12 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
         vcpu.configure(&supported, tsc_deadline, config.vcpus, &vm.memory, (id == 0).then_some(loaded.entry))?;
         vcpus.push(vcpu);
     }
+
+    // Everything reached by path before the guest runs is open now.
+    if let Some(jail) = &config.jail {
+        jail::enter(jail)?;
+    }
+    seccomp::start()?;
 
     extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
     register_signal_handler(SIGRTMIN(), kick).map_err(|e| Error::Setup(format!("signal handler: {e}")))?;

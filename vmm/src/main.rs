@@ -72,6 +72,13 @@ struct Args {
     /// logged by the kernel: for debugging a filter), `off` (no filters).
     #[arg(long, value_name = "MODE", default_value = "trap", value_parser = Mode::parse)]
     seccomp: Mode,
+    /// After set-up, move into new mount, network, IPC and UTS namespaces
+    /// whose root is DIR, and drop every capability (needs root). The vsock
+    /// socket and a console log file must be directly inside DIR: they are
+    /// all the VMM reaches by path once the guest runs. The shim always
+    /// jails the VMM; without this option it keeps the host's view.
+    #[arg(long, value_name = "DIR")]
+    jail: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -83,7 +90,7 @@ fn main() -> ExitCode {
         )
         .init();
     let args = Args::parse();
-    if let Err(e) = hearth_vmm::seccomp::init(args.seccomp) {
+    if let Err(e) = hearth_vmm::seccomp::prepare(args.seccomp) {
         eprintln!("hearth-vmm: error: {e}");
         return ExitCode::from(EXIT_VMM_ERROR as u8);
     }
@@ -105,6 +112,7 @@ fn main() -> ExitCode {
         vsock: args.vsock,
         shares: args.shares,
         balloon: args.balloon,
+        jail: args.jail,
     };
     match hearth_vmm::run(&config) {
         Ok(exit) => {

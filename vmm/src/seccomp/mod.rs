@@ -187,6 +187,14 @@ fn arch() -> TargetArch {
 /// any other thread exists; threads then call [`apply`]. With `off`, warns
 /// loudly and does nothing else.
 pub fn init(mode: Mode) -> Result<(), Error> {
+    prepare(mode)?;
+    start()
+}
+
+/// [`init`]'s first half: compiles the filters and installs the SIGSYS
+/// handler, but starts no thread, so that the process can still be jailed
+/// ([`crate::jail`] needs it single-threaded). [`start`] is the other half.
+pub fn prepare(mode: Mode) -> Result<(), Error> {
     if mode == Mode::Off {
         tracing::warn!(
             "--seccomp=off: the VMM runs WITHOUT seccomp filters; a guest that escapes into the VMM \
@@ -202,8 +210,14 @@ pub fn init(mode: Mode) -> Result<(), Error> {
     if mode == Mode::Trap {
         install_sigsys_handler().map_err(Error::Handler)?;
     }
-    if FILTERS.set(Filters { mode, programs }).is_err() {
-        return Ok(()); // initialised already
+    let _ = FILTERS.set(Filters { mode, programs }); // or prepared already
+    Ok(())
+}
+
+/// Starts the spawner thread, if filters were prepared and it is not running.
+pub fn start() -> Result<(), Error> {
+    if FILTERS.get().is_none() || SPAWNER.get().is_some() {
+        return Ok(());
     }
     start_spawner()
 }

@@ -35,6 +35,12 @@ impl ConsoleLog {
         Ok(ConsoleLog { path: path.to_path_buf(), file: File::create(path)?, written: 0, max })
     }
 
+    /// The log's path from now on, for rotation: where the jail puts it
+    /// (see [`crate::jail`]); the open file is kept.
+    pub fn reached_at(&mut self, path: PathBuf) {
+        self.path = path;
+    }
+
     fn rotated_path(&self) -> PathBuf {
         let mut p = self.path.clone().into_os_string();
         p.push(".1");

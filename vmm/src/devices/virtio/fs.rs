@@ -179,6 +179,12 @@ impl Fs {
         };
         let mut fs = Fs { config, socket, frontend, backend_features: 0, protocol: false, virtiofsd: fs_child };
         fs.negotiate()?;
+        // Connected: the socket's name is needed no more. Removed now, it is
+        // not left in /tmp by a VMM that is killed, nor out of reach of a
+        // jailed one (see crate::jail).
+        if fs.virtiofsd.is_some() {
+            remove_socket(&fs.socket);
+        }
         Ok(fs)
     }
 
@@ -266,11 +272,16 @@ impl Drop for Fs {
         if let Some(mut c) = self.virtiofsd.take() {
             let _ = c.kill();
             let _ = c.wait();
-            let _ = std::fs::remove_file(&self.socket);
-            if let Some(dir) = self.socket.parent() {
-                let _ = std::fs::remove_dir(dir);
-            }
+            remove_socket(&self.socket);
         }
+    }
+}
+
+/// Removes virtiofsd's socket and the private directory it is in.
+fn remove_socket(socket: &Path) {
+    let _ = std::fs::remove_file(socket);
+    if let Some(dir) = socket.parent() {
+        let _ = std::fs::remove_dir(dir);
     }
 }
 

@@ -65,6 +65,15 @@ impl Vsock {
     }
 }
 
+impl Vsock {
+    /// The socket's path from now on (the muxer derives `<socket>_<port>`
+    /// from it, and it is removed at the end): where the jail puts it (see
+    /// [`crate::jail`]). The bound listener is kept.
+    pub fn reached_at(&mut self, path: std::path::PathBuf) {
+        self.config.socket = path;
+    }
+}
+
 /// The socket goes with the device (at the VMM's end, on the main thread),
 /// not with the muxer on the worker thread, whose seccomp filter allows no
 /// unlink.
