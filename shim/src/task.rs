@@ -250,7 +250,7 @@ impl Service {
             vcpus: cfg.vcpus,
             kernel: cfg.kernel.clone(),
             vsock: vm.vsock.clone(),
-            console: vm.dir.join("console.log"),
+            console: vm.dir.join(crate::vm::JAIL).join("console.log"),
         };
         if let Err(e) = record.write(&vm.dir) {
             log::warn!("writing the VM's record in {}: {e:#}", vm.dir.display());

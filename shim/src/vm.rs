@@ -26,6 +26,8 @@ use hearth_agent_protocol::agent::{Empty, MountRequest, SyncTimeRequest};
 use hearth_agent_protocol::transport::{AgentAddress, AGENT_PORT};
 use hearth_agent_protocol::AgentClient;
 
+use std::os::unix::fs::DirBuilderExt;
+
 use crate::config::Config;
 use crate::share::{remove_tree, Share};
 
@@ -35,6 +37,8 @@ const SHARE_TAG: &str = "hearth";
 /// Where the root filesystems' directory appears in the guest.
 pub const GUEST_ROOTS: &str = "/run/hearth/roots";
 const ROOTS_TAG: &str = "hearth-roots";
+/// The subdirectory of a VM directory that hearth-vmm is jailed in.
+pub const JAIL: &str = "jail";
 
 pub struct Vm {
     pub dir: PathBuf,
@@ -80,8 +84,13 @@ impl Vm {
         let mut undo = Undo { dir, shares: Vec::new(), vmm: None };
         undo.shares.push(Share::create(dir, "shared")?);
         undo.shares.push(Share::create(dir, "roots")?);
-        let vsock = dir.join("vsock.sock");
-        let console = dir.join("console.log");
+        // hearth-vmm's root once set up (its jail: docs/security.md): only
+        // what it reaches by path while the guest runs, the vsock socket
+        // (and the `_<port>` sockets beside it) and the console log.
+        let jail = dir.join(JAIL);
+        std::fs::DirBuilder::new().mode(0o700).create(&jail).with_context(|| format!("creating {}", jail.display()))?;
+        let vsock = jail.join("vsock.sock");
+        let console = jail.join("console.log");
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let cmdline = format!("hearth.time={now} {}", cfg.extra_cmdline);
         let mut cmd = Command::new(&cfg.vmm);
@@ -102,6 +111,8 @@ impl Vm {
             .arg("--fs")
             .arg(format!("tag={ROOTS_TAG},dir={},cache=always,xattr=on", undo.shares[1].export().display()))
             .arg("--balloon")
+            .arg("--jail")
+            .arg(&jail)
             .args(["--cmdline", cmdline.trim()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

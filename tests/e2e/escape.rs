@@ -117,8 +117,8 @@ fn symlinks_planted_in_the_shares_redirect_nothing() {
     assert_eq!(std::fs::read_to_string(own.join("own")).unwrap(), "mine\n");
 }
 
-/// A guest floods the host with vsock connections to a port something on
-/// the host listens on: hearth-vmm takes at most its cap (512, the shim's
+/// hearth-vmm runs jailed (see assert_jailed). A guest floods the host with
+/// vsock connections to a port something on the host listens on: hearth-vmm takes at most its cap (512, the shim's
 /// own streams included) and refuses the rest, frees them when the guest
 /// closes them (a second flood gets as many again), its memory stays
 /// bounded, and the shim and other containers keep serving.
@@ -136,7 +136,7 @@ fn a_vsock_flood_is_capped() {
     assert_eq!(dirs.len(), 1, "{dirs:?}");
     // A host listener at port 7000 of the VM's hybrid vsock, holding every
     // connection it gets.
-    let listener = std::os::unix::net::UnixListener::bind(dirs[0].join("vsock.sock_7000")).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(dirs[0].join("jail/vsock.sock_7000")).unwrap();
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = accepted.clone();
     std::thread::spawn(move || {
@@ -147,6 +147,7 @@ fn a_vsock_flood_is_capped() {
         }
     });
     let vmm = c.vmm_pids()[0];
+    assert_jailed(vmm);
     let rss_before = hearth_e2e::proc_status_kib(vmm as u32, "VmRSS").unwrap();
 
     let flood = |id: &str| {
@@ -183,6 +184,39 @@ fn a_vsock_flood_is_capped() {
     c.ok(&["task", "rm", "bystander"]);
     c.ok(&["containers", "rm", "bystander"]);
     wait_until("the VM idled out", Duration::from_secs(120), || c.vmm_pids().is_empty());
+}
+
+/// What an escape into hearth-vmm would inherit, as the host sees it: its
+/// own mount, network, IPC and UTS namespaces, a root holding only the
+/// vsock sockets and the console log, no capability, no_new_privs and
+/// seccomp filters.
+fn assert_jailed(vmm: i32) {
+    let proc = format!("/proc/{vmm}");
+    for ns in ["mnt", "net", "ipc", "uts"] {
+        let theirs = std::fs::read_link(format!("{proc}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "hearth-vmm shares the host's {ns} namespace");
+    }
+    let mut names: Vec<String> = std::fs::read_dir(format!("{proc}/root"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(names.contains(&"vsock.sock".to_string()), "hearth-vmm's root: {names:?}");
+    assert!(
+        names.iter().all(|n| n.starts_with("vsock.sock") || n.starts_with("console.log")),
+        "hearth-vmm's root holds more than its sockets and console log: {names:?}"
+    );
+    let status = std::fs::read_to_string(format!("{proc}/status")).unwrap();
+    let field = |k: &str| {
+        status.lines().find_map(|l| l.strip_prefix(k)).map(str::trim).unwrap_or_else(|| panic!("{k} in {status}"))
+    };
+    for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        assert_eq!(field(caps), "0000000000000000", "hearth-vmm's {caps}");
+    }
+    assert_eq!(field("NoNewPrivs:"), "1");
+    assert_eq!(field("Seccomp:"), "2", "hearth-vmm runs without seccomp filters");
 }
 
 /// A shim killed with SIGKILL runs no clean-up of its own: its hearth-vmm

@@ -216,7 +216,7 @@ impl Drop for Containerd {
                 }
             }
             for dir in std::fs::read_dir(&self.vms).into_iter().flatten().flatten() {
-                let console = std::fs::read_to_string(dir.path().join("console.log")).unwrap_or_default();
+                let console = std::fs::read_to_string(dir.path().join("jail/console.log")).unwrap_or_default();
                 eprintln!("--- {} console (last 40 lines) ---\n{}", dir.path().display(), tail(&console, 40));
             }
         }

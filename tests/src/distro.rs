@@ -129,7 +129,7 @@ impl Hearth {
             }
         }
         for e in std::fs::read_dir(&self.vm_state).into_iter().flatten().flatten() {
-            let text = std::fs::read_to_string(e.path().join("console.log")).unwrap_or_default();
+            let text = std::fs::read_to_string(e.path().join("jail/console.log")).unwrap_or_default();
             s.push_str(&format!("--- {} console (last 40 lines) ---\n{}\n", e.path().display(), tail(&text, 40)));
         }
         let log = std::fs::read_to_string(&self.containerd_log).unwrap_or_default();
