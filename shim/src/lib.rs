@@ -12,6 +12,7 @@
 //! - [`config`] reads `/etc/hearth/config.toml`;
 //! - [`record`]: the running VM's record (`vm.json`) for `hearth status`.
 
+pub mod cgroup;
 pub mod config;
 pub mod io;
 pub mod logging;

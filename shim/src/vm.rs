@@ -27,7 +27,9 @@ use hearth_agent_protocol::transport::{AgentAddress, AGENT_PORT};
 use hearth_agent_protocol::AgentClient;
 
 use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt;
 
+use crate::cgroup::{self, VmCgroup};
 use crate::config::Config;
 use crate::share::{remove_tree, Share};
 
@@ -48,6 +50,8 @@ pub struct Vm {
     pub agent: AgentClient,
     pub vmm_pid: i32,
     pub boot_id: String,
+    /// hearth-vmm's own cgroup (None on a cgroup v1 host).
+    pub cgroup: Option<VmCgroup>,
 }
 
 pub fn ctx(secs: i64) -> ttrpc::context::Context {
@@ -67,11 +71,15 @@ impl Vm {
             dir: &'a Path,
             shares: Vec<Share>,
             vmm: Option<i32>,
+            cgroup: Option<VmCgroup>,
         }
         impl Drop for Undo<'_> {
             fn drop(&mut self) {
                 if let Some(pid) = self.vmm {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+                }
+                if let Some(c) = &self.cgroup {
+                    c.kill_and_remove(Duration::from_secs(5));
                 }
                 for s in &self.shares {
                     s.teardown();
@@ -81,7 +89,7 @@ impl Vm {
                 }
             }
         }
-        let mut undo = Undo { dir, shares: Vec::new(), vmm: None };
+        let mut undo = Undo { dir, shares: Vec::new(), vmm: None, cgroup: None };
         undo.shares.push(Share::create(dir, "shared")?);
         undo.shares.push(Share::create(dir, "roots")?);
         // hearth-vmm's root once set up (its jail: docs/security.md): only
@@ -120,6 +128,19 @@ impl Vm {
         if let Some(v) = &cfg.virtiofsd {
             cmd.env("HEARTH_VIRTIOFSD", v);
         }
+        // Its own cgroup, joined before it runs (virtiofsd follows it).
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        match VmCgroup::create(Path::new(cgroup::ROOT), &name)
+            .and_then(|c| c.map(|c| c.procs().map(|fd| (c, fd))).transpose())
+        {
+            Ok(Some((c, procs))) => {
+                undo.cgroup = Some(c);
+                // SAFETY: join_in_child only makes a write(2).
+                unsafe { cmd.pre_exec(move || cgroup::join_in_child(&procs)) };
+            }
+            Ok(None) => {}
+            Err(e) => log::warn!("hearth-vmm gets no cgroup of its own, it stays in the shim's: {e:#}"),
+        }
         // Subscribe before spawning: the shim's reaper reaps every child and
         // tells subscribers, so a fast exit is not missed.
         let sub = monitor_subscribe(Topic::Pid).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -128,8 +149,13 @@ impl Vm {
         undo.vmm = Some(pid);
         std::mem::forget(child); // reaped by the shim's reaper
         let console_for_exit = console.clone();
+        let cgroup_for_exit = undo.cgroup.clone();
         std::thread::spawn(move || {
             let code = wait_pid(pid, sub);
+            // What is left in the VM's cgroup (virtiofsd, dying with it) goes too.
+            if let Some(c) = cgroup_for_exit {
+                c.kill_and_remove(Duration::from_secs(5));
+            }
             on_exit(code, tail(&console_for_exit, 30));
         });
         tracing_log(&format!("booting the utility VM (hearth-vmm pid {pid}) in {}", dir.display()));
@@ -152,8 +178,9 @@ impl Vm {
         // Booted: from here on the Vm owns what Undo would have undone.
         let roots = undo.shares.pop().expect("two shares");
         let shared = undo.shares.pop().expect("two shares");
+        let cgroup = undo.cgroup.take();
         std::mem::forget(undo);
-        Ok(Vm { dir: dir.to_path_buf(), shared, roots, vsock, agent, vmm_pid: pid, boot_id })
+        Ok(Vm { dir: dir.to_path_buf(), shared, roots, vsock, agent, vmm_pid: pid, boot_id, cgroup })
     }
 
     /// Asks the agent to stop everything and power off; kills the VMM if it
@@ -178,9 +205,15 @@ impl Vm {
         self.roots.forget(Path::new(id));
     }
 
-    /// Unmounts the shares (and every container mount in them) and removes
-    /// the VM's directory, never crossing a mount that is still there.
+    /// Removes the VM's cgroup (killing whatever is left in it), unmounts
+    /// the shares (and every container mount in them) and removes the VM's
+    /// directory, never crossing a mount that is still there.
     pub fn cleanup(&self) {
+        // Here too, not only when the VMM's exit is seen: an idle shim
+        // exits right after this.
+        if let Some(c) = &self.cgroup {
+            c.kill_and_remove(Duration::from_secs(5));
+        }
         self.shared.teardown();
         self.roots.teardown();
         if let Err(e) = remove_tree(&self.dir) {
@@ -197,7 +230,6 @@ impl Vm {
 /// restart replaces them), so every VMM is spawned by one thread that lives
 /// as long as the shim. (virtiofsd is bound to hearth-vmm the same way.)
 fn spawn_bound_to_shim(mut cmd: Command) -> std::io::Result<std::process::Child> {
-    use std::os::unix::process::CommandExt;
     use std::sync::mpsc;
     type Request = (Command, mpsc::Sender<std::io::Result<std::process::Child>>);
     static SPAWNER: std::sync::OnceLock<std::sync::Mutex<mpsc::Sender<Request>>> = std::sync::OnceLock::new();
@@ -258,6 +290,7 @@ pub fn reap_orphans(state_dir: &Path) {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(vmm), nix::sys::signal::SIGKILL);
             }
         }
+        VmCgroup::of(Path::new(cgroup::ROOT), &name).kill_and_remove(Duration::from_secs(5));
         let mut mounts = mounts_beneath(&dir);
         mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
         for m in &mounts {
