@@ -148,6 +148,7 @@ fn a_vsock_flood_is_capped() {
     });
     let vmm = c.vmm_pids()[0];
     assert_jailed(vmm);
+    let cgroup = assert_in_its_cgroup(vmm, &dirs[0], &c);
     let rss_before = hearth_e2e::proc_status_kib(vmm as u32, "VmRSS").unwrap();
 
     let flood = |id: &str| {
@@ -184,6 +185,33 @@ fn a_vsock_flood_is_capped() {
     c.ok(&["task", "rm", "bystander"]);
     c.ok(&["containers", "rm", "bystander"]);
     wait_until("the VM idled out", Duration::from_secs(120), || c.vmm_pids().is_empty());
+    wait_until("the VM's cgroup removed", Duration::from_secs(30), || !cgroup.exists());
+}
+
+/// hearth-vmm and its virtiofsd run in the VM's own cgroup, which accounts
+/// the guest's memory; its path.
+fn assert_in_its_cgroup(vmm: i32, vm_dir: &std::path::Path, c: &Containerd) -> std::path::PathBuf {
+    let name = vm_dir.file_name().unwrap().to_string_lossy().into_owned();
+    let expected = format!("0::/hearth/{name}");
+    let cgroup_of = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    assert_eq!(cgroup_of(vmm).trim(), expected, "hearth-vmm's cgroup");
+    let fsds = pids_matching("virtiofsd", &c.vms.display().to_string());
+    // Two shares; each virtiofsd is a parent and its sandboxed child.
+    assert!(fsds.len() >= 2, "a virtiofsd per share: {fsds:?}");
+    for p in fsds {
+        assert_eq!(cgroup_of(p).trim(), expected, "virtiofsd's cgroup");
+    }
+    let path = std::path::Path::new("/sys/fs/cgroup/hearth").join(&name);
+    let memory: u64 = std::fs::read_to_string(path.join("memory.current")).unwrap().trim().parse().unwrap();
+    let rss = hearth_e2e::proc_status_kib(vmm as u32, "VmRSS").unwrap() * 1024;
+    hearth_e2e::figure(&format!(
+        "the VM's cgroup: memory.current {} KiB, hearth-vmm's RSS {} KiB",
+        memory >> 10,
+        rss >> 10
+    ));
+    // The guest's RAM, touched by the booted guest, is charged there.
+    assert!(memory >= rss / 2, "memory.current {memory} is not the VMM's (RSS {rss})");
+    path
 }
 
 /// What an escape into hearth-vmm would inherit, as the host sees it: its
@@ -239,6 +267,8 @@ fn a_killed_shim_leaves_nothing_behind() {
         std::fs::read_dir(&c.vms).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(dirs.len(), 1, "{dirs:?}");
     let shim: i32 = dirs[0].rsplit('-').next().unwrap().parse().unwrap();
+    let cgroup = std::path::Path::new("/sys/fs/cgroup/hearth").join(&dirs[0]);
+    assert!(cgroup.join("cgroup.procs").exists(), "the VM has no cgroup of its own");
 
     // SAFETY: kill(2) on the shim's pid, read from its VM directory's name.
     assert_eq!(unsafe { libc::kill(shim, libc::SIGKILL) }, 0);
@@ -257,6 +287,7 @@ fn a_killed_shim_leaves_nothing_behind() {
     wait_until("containerd cleaned up after the dead shim", Duration::from_secs(60), || {
         mounted().is_empty() && std::fs::read_dir(&c.vms).map(|d| d.count() == 0).unwrap_or(true)
     });
+    wait_until("the dead shim's VM cgroup removed", Duration::from_secs(30), || !cgroup.exists());
     assert!(!c.ok(&["task", "ls"]).lines().any(|l| l.starts_with("doomed ") && l.contains("RUNNING")));
     let _ = c.ctr(&["task", "rm", "-f", "doomed"]);
     c.ok(&["containers", "rm", "doomed"]);
