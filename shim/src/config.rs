@@ -44,6 +44,9 @@ pub struct Config {
     pub log_level: String,
     /// Where VM state (sockets, shared directory, console log) lives.
     pub state_dir: PathBuf,
+    /// The size in KiB at which a VM's console log is rotated (at most
+    /// twice this is kept per VM: the guest can print forever).
+    pub console_log_max_kib: u64,
 }
 
 impl Default for Config {
@@ -61,6 +64,7 @@ impl Default for Config {
             mode: VmMode::Shared,
             log_level: "info".into(),
             state_dir: "/run/hearth/vms".into(),
+            console_log_max_kib: 32 << 10,
         }
     }
 }
@@ -96,6 +100,9 @@ impl Config {
                     }
                 );
             }
+        }
+        if self.console_log_max_kib < 4 {
+            anyhow::bail!("console_log_max_kib must be at least 4 (have {})", self.console_log_max_kib);
         }
         if self.memory_mib < 128 || self.vcpus == 0 {
             anyhow::bail!(

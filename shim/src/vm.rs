@@ -112,6 +112,8 @@ impl Vm {
             .arg(cfg.memory_mib.to_string())
             .arg("--console")
             .arg(&console)
+            .arg("--console-max-kib")
+            .arg(cfg.console_log_max_kib.to_string())
             .arg("--vsock")
             .arg(format!("cid=3,socket={}", vsock.display()))
             .arg("--fs")

@@ -35,6 +35,8 @@ pub struct VmConfig {
     pub console: Console,
     /// Feed this process's stdin to the guest's serial console.
     pub console_input: bool,
+    /// Where a console log file is rotated (see `console_log.rs`).
+    pub console_max_bytes: u64,
     /// virtio-blk disks, in order: the first is /dev/vda in the guest.
     pub disks: Vec<DiskConfig>,
     /// virtio-net devices over host taps, in order: the first is eth0 in the guest.
@@ -145,6 +147,7 @@ impl VmConfig {
             vcpus: DEFAULT_VCPUS,
             console: Console::Stdout,
             console_input: false,
+            console_max_bytes: crate::devices::legacy::console_log::MAX_BYTES,
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,

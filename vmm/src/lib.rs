@@ -159,7 +159,7 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
         Console::Stdout => Box::new(std::io::stdout()),
         // Capped and rotated: the guest can print forever.
         Console::File(path) => {
-            let mut log = devices::legacy::console_log::ConsoleLog::create(path)
+            let mut log = devices::legacy::console_log::ConsoleLog::with_cap(path, config.console_max_bytes)
                 .map_err(|source| Error::ConsoleLog { path: path.display().to_string(), source })?;
             if let Some(p) = console_in_jail.take() {
                 log.reached_at(p);

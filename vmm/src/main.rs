@@ -41,6 +41,12 @@ struct Args {
     /// Where the serial console goes: `stdout`, `off`, or a file path.
     #[arg(long, default_value = "stdout")]
     console: String,
+    /// With `--console FILE`: the size in KiB at which the log is moved to
+    /// `FILE.1` and restarted (the guest can print forever; at most twice
+    /// this is kept).
+    #[arg(long, value_name = "KIB", default_value_t = hearth_vmm::devices::legacy::console_log::MAX_BYTES >> 10,
+          value_parser = clap::value_parser!(u64).range(4..))]
+    console_max_kib: u64,
     /// A virtio-blk disk backed by a raw image: `PATH[,ro]`. Repeat for more
     /// disks; they appear in the guest as /dev/vda, /dev/vdb, ... in order.
     #[arg(long = "disk", value_parser = DiskConfig::parse)]
@@ -107,6 +113,7 @@ fn main() -> ExitCode {
             path => Console::File(path.into()),
         },
         console_input,
+        console_max_bytes: args.console_max_kib << 10,
         disks: args.disks,
         nets: args.nets,
         vsock: args.vsock,
