@@ -188,6 +188,46 @@ fn a_vsock_flood_is_capped() {
     wait_until("the VM's cgroup removed", Duration::from_secs(30), || !cgroup.exists());
 }
 
+/// A privileged container floods the serial console (every byte a VM exit,
+/// every byte into the host's log): the log on the host is rotated at its
+/// cap (here `console_log_max_kib = 64`), so at most twice the cap is kept,
+/// the current file begins with the rotation marker, and the VM serves on.
+#[test]
+fn a_console_flood_is_capped() {
+    let env = Env::get();
+    let scratch = Scratch::new("escape-console-flood");
+    let c = Containerd::start_with(&env, &scratch, "idle_timeout_secs = 3\nconsole_log_max_kib = 64\n");
+    // 200 KiB, three times the cap, in lines of 64 characters.
+    let flood =
+        "i=0; while [ $i -lt 3200 ]; do echo FLOOD-FLOOD-FLOOD-FLOOD-FLOOD-FLOOD-FLOOD-FLOOD-FLOOD-FLOOD-FLOO; \
+                 i=$((i+1)); done > /dev/ttyS0; echo flooded";
+    let o = c.run("flooder", &["--privileged"], &["sh", "-c", flood]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "flooded\n", "{}", text(&o));
+    let dirs: Vec<_> = std::fs::read_dir(&c.vms).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let log = dirs[0].join("jail/console.log");
+    let old = dirs[0].join("jail/console.log.1");
+    let cap = 64 * 1024;
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    hearth_e2e::figure(&format!(
+        "console flood of 200 KiB, cap 64 KiB: console.log {} B, console.log.1 {} B",
+        size(&log),
+        size(&old)
+    ));
+    assert!(
+        size(&log) <= cap && size(&old) <= cap,
+        "the console log outgrew its cap: {} and {}",
+        size(&log),
+        size(&old)
+    );
+    assert!(size(&old) > cap / 2, "the log was never rotated");
+    let text_of = std::fs::read_to_string(&log).unwrap();
+    assert!(text_of.starts_with("[hearth-vmm: the console log reached"), "{:?}", text_of.get(..200));
+    let o = c.run("after", &[], &["echo", "still-here"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "still-here\n", "{}", text(&o));
+    wait_until("the VM idled out", Duration::from_secs(120), || c.vmm_pids().is_empty());
+}
+
 /// hearth-vmm and its virtiofsd run in the VM's own cgroup, which accounts
 /// the guest's memory; its path.
 fn assert_in_its_cgroup(vmm: i32, vm_dir: &std::path::Path, c: &Containerd) -> std::path::PathBuf {

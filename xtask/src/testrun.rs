@@ -31,7 +31,7 @@ const EXPECTED_SECS: &[(&str, u64)] = &[
     ("distro", 560),
     ("fuzz", 290),
     ("containerd", 170),
-    ("escape", 130),
+    ("escape", 160),
     ("unit", 110),
     ("devices", 95),
     ("agent", 27),
