@@ -18,7 +18,9 @@
 //! - no capabilities at all (effective, permitted, inheritable, ambient and
 //!   the bounding set), and no_new_privs: root's uid remains, so the jail
 //!   directory and its sockets must be owned by root (they are: the shim
-//!   makes them), but nothing beyond what that directory's owner may do.
+//!   makes them), but nothing beyond what that directory's owner may do;
+//! - not dumpable: a crash writes no core file holding guest memory, and
+//!   processes of its uid cannot ptrace it.
 //!
 //! It must run while the process has one thread: the root and namespaces of
 //! threads made before would stay the host's. [`enter`] checks that.
@@ -121,6 +123,9 @@ pub fn enter(jail: &Path) -> Result<(), Error> {
 
         // Capabilities, last: everything above needs CAP_SYS_ADMIN.
         sys("no_new_privs", libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+        // No core dump (it would write the guest's memory to a host file)
+        // and no ptrace by processes of the same uid.
+        sys("not dumpable", libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0))?;
         sys(
             "clearing ambient capabilities",
             libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0),

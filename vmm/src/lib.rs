@@ -203,7 +203,7 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
         devices.attach(&vm.fd, &vm.memory, &mut mmio, Box::new(dev))?;
     }
     for share in &config.shares {
-        let dev = devices::virtio::fs::Fs::new(share.clone())?;
+        let dev = devices::virtio::fs::Fs::new_in(share.clone(), config.jail.as_deref())?;
         devices.attach(&vm.fd, &vm.memory, &mut mmio, Box::new(dev))?;
     }
     if let Some(balloon) = &config.balloon {

@@ -121,6 +121,13 @@ pub struct Fs {
 
 impl Fs {
     pub fn new(config: FsConfig) -> Result<Fs, Error> {
+        Fs::new_in(config, None)
+    }
+
+    /// [`Fs::new`], with virtiofsd's socket (for the moment it takes to
+    /// connect) in a private directory under `socket_base` (the VMM's jail,
+    /// inside the VM's directory) rather than under the temporary directory.
+    pub fn new_in(config: FsConfig, socket_base: Option<&Path>) -> Result<Fs, Error> {
         let (socket, virtiofsd) = match (&config.dir, &config.socket) {
             (Some(dir), _) => {
                 if !dir.is_dir() {
@@ -129,7 +136,12 @@ impl Fs {
                 // In a directory of our own (mkdtemp: an unpredictable name,
                 // mode 0700), never at a predictable name in /tmp where
                 // another user could squat on it or plant a symlink.
-                let socket = private_dir()?.join("virtiofsd.sock");
+                // Short names in the jail: a Unix socket's path has at most
+                // 107 bytes, and the VM's directory may be deep.
+                let socket = match socket_base {
+                    Some(base) => private_dir(base, "fs-")?.join("sock"),
+                    None => private_dir(&std::env::temp_dir(), "hearth-virtiofsd-")?.join("virtiofsd.sock"),
+                };
                 let path = find_virtiofsd().ok_or(Error::NoVirtiofsd)?;
                 let mut cmd = Command::new(&path);
                 cmd.arg(format!("--socket-path={}", socket.display()))
@@ -285,9 +297,10 @@ fn remove_socket(socket: &Path) {
     }
 }
 
-/// A fresh directory only we can enter, under the temporary directory.
-fn private_dir() -> Result<PathBuf, Error> {
-    let template = std::env::temp_dir().join("hearth-virtiofsd-XXXXXX");
+/// A fresh directory only we can enter, under `base`, named `prefix` and
+/// six random characters.
+fn private_dir(base: &Path, prefix: &str) -> Result<PathBuf, Error> {
+    let template = base.join(format!("{prefix}XXXXXX"));
     let mut bytes = std::ffi::CString::new(template.into_os_string().into_encoded_bytes())
         .expect("a temporary directory path has no NUL")
         .into_bytes_with_nul();
@@ -350,7 +363,8 @@ mod tests {
     #[test]
     fn the_socket_directory_is_private_and_unpredictable() {
         use std::os::unix::fs::PermissionsExt;
-        let (a, b) = (private_dir().unwrap(), private_dir().unwrap());
+        let tmp = std::env::temp_dir();
+        let (a, b) = (private_dir(&tmp, "hearth-virtiofsd-").unwrap(), private_dir(&tmp, "fs-").unwrap());
         assert_ne!(a, b);
         for d in [&a, &b] {
             let meta = std::fs::symlink_metadata(d).unwrap();
