@@ -289,9 +289,13 @@ impl Drop for Fs {
     }
 }
 
-/// Removes virtiofsd's socket and the private directory it is in.
+/// Removes virtiofsd's socket, the pid file it keeps beside it
+/// (`<socket>.pid`), and the private directory they are in.
 fn remove_socket(socket: &Path) {
     let _ = std::fs::remove_file(socket);
+    let mut pid = socket.as_os_str().to_owned();
+    pid.push(".pid");
+    let _ = std::fs::remove_file(pid);
     if let Some(dir) = socket.parent() {
         let _ = std::fs::remove_dir(dir);
     }
@@ -372,6 +376,17 @@ mod tests {
             assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{}", d.display());
             std::fs::remove_dir(d).unwrap();
         }
+    }
+
+    #[test]
+    fn the_socket_its_pid_file_and_their_directory_are_removed() {
+        let dir = private_dir(&std::env::temp_dir(), "fs-").unwrap();
+        let socket = dir.join("sock");
+        // What virtiofsd leaves there: its socket and `<socket>.pid`.
+        std::fs::write(&socket, "").unwrap();
+        std::fs::write(dir.join("sock.pid"), "42").unwrap();
+        remove_socket(&socket);
+        assert!(!dir.exists(), "{} is left behind", dir.display());
     }
 
     #[test]
