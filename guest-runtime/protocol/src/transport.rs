@@ -136,23 +136,6 @@ pub fn stdio_socket_path(agent_socket: &Path, port: u32) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Accepts the agent's connection on a stdio listener, giving up after
-/// `timeout` (if the request failed, the agent never connects).
-pub fn accept_within(listener: &UnixListener, timeout: Duration) -> io::Result<UnixStream> {
-    listener.set_nonblocking(true)?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false)?;
-                return Ok(s);
-            }
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 /// Listens for the agent's stdio stream on `port` (replacing a stale socket).
 pub fn listen_stdio(agent_socket: &Path, port: u32) -> io::Result<UnixListener> {
     let path = stdio_socket_path(agent_socket, port);

@@ -23,7 +23,7 @@
 //! the workers' lists plus what creating a thread takes; the vCPU threads
 //! only hand it the work.
 //!
-//! Filters are only installed in a process that called [`init`] (the
+//! Filters are only installed in a process that called [`prepare`] (the
 //! `hearth-vmm` binary): unit tests and fuzz targets that run device code
 //! are unaffected.
 
@@ -149,7 +149,7 @@ pub enum Error {
     Spawner(std::io::Error),
 }
 
-/// The seccomp state of this process, once [`init`] ran.
+/// The seccomp state of this process, once [`prepare`] ran.
 struct Filters {
     mode: Mode,
     programs: BTreeMap<ThreadKind, BpfProgram>,
@@ -182,18 +182,12 @@ fn arch() -> TargetArch {
 }
 
 /// Sets this process up for seccomp in `mode`: compiles every filter, makes
-/// glibc's allocator stay within them, installs the SIGSYS handler (`trap`)
-/// and starts the thread spawner. Call once, from the main thread, before
-/// any other thread exists; threads then call [`apply`]. With `off`, warns
-/// loudly and does nothing else.
-pub fn init(mode: Mode) -> Result<(), Error> {
-    prepare(mode)?;
-    start()
-}
-
-/// [`init`]'s first half: compiles the filters and installs the SIGSYS
-/// handler, but starts no thread, so that the process can still be jailed
-/// ([`crate::jail`] needs it single-threaded). [`start`] is the other half.
+/// glibc's allocator stay within them and installs the SIGSYS handler
+/// (`trap`), but starts no thread, so that the process can still be jailed
+/// ([`crate::jail`] needs it single-threaded); [`start`] then starts the
+/// thread spawner. Call once, from the main thread, before any other thread
+/// exists; threads then call [`apply`]. With `off`, warns loudly and does
+/// nothing else.
 pub fn prepare(mode: Mode) -> Result<(), Error> {
     if mode == Mode::Off {
         tracing::warn!(
@@ -234,12 +228,12 @@ fn prepare_allocator() {
     }
 }
 
-/// The mode [`init`] set up, if any (`None` without init or with `off`).
+/// The mode [`prepare`] set up, if any (`None` without it or with `off`).
 pub fn mode() -> Option<Mode> {
     FILTERS.get().map(|f| f.mode)
 }
 
-/// Installs `kind`'s filter on the calling thread, if [`init`] set filters
+/// Installs `kind`'s filter on the calling thread, if [`prepare`] set filters
 /// up (otherwise does nothing). Irreversible.
 pub fn apply(kind: ThreadKind) -> Result<(), Error> {
     let Some(filters) = FILTERS.get() else { return Ok(()) };
