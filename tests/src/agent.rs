@@ -173,6 +173,14 @@ fn accept_one(l: UnixListener, token: StdioToken) -> Option<UnixStream> {
     accept_stdio(&l, &token, Duration::from_secs(120)).ok().map(|(s, _)| s)
 }
 
+/// Wakes an acceptor whose agent will never connect (the request failed)
+/// with a connection of our own that presents the token and ends at once.
+fn wake(sock: &Path, port: u32, token: &[u8]) {
+    if let Ok(mut s) = UnixStream::connect(stdio_socket_path(sock, port)) {
+        let _ = s.write_all(token);
+    }
+}
+
 /// A stdio port's listener and token, as the shim makes them.
 fn listen(sock: &Path, port: u32) -> Result<(UnixListener, StdioToken)> {
     Ok((listen_stdio(sock, port)?, StdioToken::random()?))
@@ -340,12 +348,8 @@ struct PendingIo {
 impl PendingIo {
     fn finish(self, sock: &Path, created: bool) -> Io {
         if !created {
-            // Nobody will connect: wake the acceptors with our own
-            // connections, which present the tokens and end at once.
             for (port, token) in &self.ports {
-                if let Ok(mut s) = UnixStream::connect(stdio_socket_path(sock, *port)) {
-                    let _ = s.write_all(token.as_bytes());
-                }
+                wake(sock, *port, token.as_bytes());
             }
         }
         let join = |h: Option<JoinHandle<Option<UnixStream>>>| h.and_then(|h| h.join().ok().flatten());
@@ -704,10 +708,7 @@ pub fn case_stdio_impostors(a: &Agent) -> Result<()> {
     };
     let created = a.client.create_container(ctx(), &req);
     if created.is_err() {
-        // Wake the taker, as PendingIo::finish does.
-        if let Ok(mut s) = UnixStream::connect(stdio_socket_path(&sock, port)) {
-            let _ = s.write_all(&token_bytes);
-        }
+        wake(&sock, port, &token_bytes);
     }
     let result = (|| {
         created.context("creating the victim")?;
