@@ -39,6 +39,11 @@ pub struct VmConfig {
     pub console_max_bytes: u64,
     /// virtio-blk disks, in order: the first is /dev/vda in the guest.
     pub disks: Vec<DiskConfig>,
+    /// Empty virtio-blk devices after `disks`, to which the control socket
+    /// attaches images while the VM runs.
+    pub disk_slots: u8,
+    /// The control socket (see [`crate::api`]).
+    pub api_socket: Option<PathBuf>,
     /// virtio-net devices over host taps, in order: the first is eth0 in the guest.
     pub nets: Vec<NetConfig>,
     /// A virtio-vsock device and the host socket behind it.
@@ -149,6 +154,8 @@ impl VmConfig {
             console_input: false,
             console_max_bytes: crate::devices::legacy::console_log::MAX_BYTES,
             disks: Vec::new(),
+            disk_slots: 0,
+            api_socket: None,
             nets: Vec::new(),
             vsock: None,
             shares: Vec::new(),

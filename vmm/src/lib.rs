@@ -18,10 +18,14 @@
 //!   guest code runs (docs/security.md).
 //! - [`jail`]: with `--jail`, the namespaces, root and (no) capabilities the
 //!   VMM keeps once set up (docs/security.md).
+//! - [`api`]: with `--api-socket`, the control socket through which the
+//!   host attaches and detaches disks, sets the balloon, pauses, resumes
+//!   and inspects the running VM, and its typed client.
 //!
 //! [`run`] ties these together and returns how the guest ended, which the
 //! `hearth-vmm` binary turns into its exit status (see [`GuestExit::code`]).
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod checks;
@@ -35,7 +39,6 @@ pub mod vstate;
 use std::io::Write;
 use std::os::fd::IntoRawFd;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -51,7 +54,7 @@ use crate::devices::bus::Bus;
 use crate::devices::legacy::console::ConsoleSink;
 use crate::devices::legacy::{i8042, serial, IrqTrigger, SerialConsole, I8042};
 use crate::devices::VmEvent;
-use crate::vstate::{vcpu::Vcpu, vm::Vm};
+use crate::vstate::{run_control::RunControl, vcpu::Vcpu, vm::Vm};
 
 /// Exit status of `hearth-vmm` when the VMM itself fails (bad host, bad input).
 pub const EXIT_VMM_ERROR: i32 = 1;
@@ -112,6 +115,8 @@ pub enum Error {
     Seccomp(#[from] seccomp::Error),
     #[error(transparent)]
     Jail(#[from] jail::Error),
+    #[error("cannot create the control socket {path}: {source}")]
+    ApiSocket { path: String, source: std::io::Error },
     #[error("setting up the VMM: {0}")]
     Setup(String),
 }
@@ -127,6 +132,7 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
     // Where the files reached by path at run time will be, once jailed.
     let mut console_in_jail = None;
     let mut vsock_in_jail = None;
+    let mut api_in_jail = None;
     if let Some(jail) = &config.jail {
         jail::check(jail)?;
         if let Console::File(path) = &config.console {
@@ -134,6 +140,9 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
         }
         if let Some(v) = &config.vsock {
             vsock_in_jail = Some(jail::inside(jail, &v.socket, "the vsock socket")?);
+        }
+        if let Some(api) = &config.api_socket {
+            api_in_jail = Some(jail::inside(jail, api, "the control socket")?);
         }
     }
     let kvm_file = host.check_kvm()?;
@@ -184,10 +193,23 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
 
     let mut mmio = Bus::default();
     let mut devices = device_manager::DeviceManager::default();
+    // What the control socket reaches: every disk (fixed ones for their
+    // counters) and the balloon.
+    let mut api_disks = Vec::new();
+    let mut api_balloon = None;
     for disk in &config.disks {
         let block = devices::virtio::block::Block::new(disk.clone())
             .map_err(|source| Error::Disk { path: disk.path.display().to_string(), source })?;
-        devices.attach(&vm.fd, &vm.memory, &mut mmio, Box::new(block))?;
+        let slot = block.shared();
+        let transport = devices.attach(&vm.fd, &vm.memory, &mut mmio, Box::new(block))?;
+        api_disks.push(api::control::DiskDevice { transport, slot, hotplug: false });
+    }
+    // Slots follow the fixed disks, so the guest names those as before.
+    for _ in 0..config.disk_slots {
+        let block = devices::virtio::block::Block::slot();
+        let slot = block.shared();
+        let transport = devices.attach(&vm.fd, &vm.memory, &mut mmio, Box::new(block))?;
+        api_disks.push(api::control::DiskDevice { transport, slot, hotplug: true });
     }
     for net in &config.nets {
         let dev = devices::virtio::net::Net::new(net.clone())
@@ -208,8 +230,18 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
     }
     if let Some(balloon) = &config.balloon {
         let dev = devices::virtio::balloon::Balloon::new(balloon.clone());
-        devices.attach(&vm.fd, &vm.memory, &mut mmio, Box::new(dev))?;
+        let size = dev.size();
+        let transport = devices.attach(&vm.fd, &vm.memory, &mut mmio, Box::new(dev))?;
+        api_balloon = Some(api::control::BalloonDevice { transport, size });
     }
+    // Bound now, on the host's path; served once the vCPUs run.
+    let api_listener = match &config.api_socket {
+        Some(path) => Some(
+            api::server::bind(path).map_err(|source| Error::ApiSocket { path: path.display().to_string(), source })?,
+        ),
+        None => None,
+    };
+    let api_socket_now = api_in_jail.take().or_else(|| config.api_socket.clone());
     let mmio = Arc::new(mmio);
 
     let table = arch::mptable::build(config.vcpus)?;
@@ -250,24 +282,37 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
     extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
     register_signal_handler(SIGRTMIN(), kick).map_err(|e| Error::Setup(format!("signal handler: {e}")))?;
 
-    let stop = Arc::new(AtomicBool::new(false));
+    let control = Arc::new(RunControl::default());
     let mut threads = Vec::new();
     // No guest code runs before every thread has its seccomp filter: the
     // vCPUs (and the console input thread) wait here for the main thread,
     // which installs its own last.
     let filtered = Arc::new(Barrier::new(config.vcpus as usize + 1 + config.console_input as usize));
     for vcpu in vcpus {
-        let stop = stop.clone();
+        let control = control.clone();
         let filtered = filtered.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.id))
             .spawn(move || {
                 seccomp::apply_or_exit(seccomp::ThreadKind::Vcpu);
                 filtered.wait();
-                vcpu.run(stop)
+                vcpu.run(control)
             })
             .map_err(|e| Error::Setup(format!("spawning a vCPU thread: {e}")))?;
         threads.push(thread);
+    }
+    control.set_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
+    if let Some(listener) = api_listener {
+        let api = api::Control {
+            run: control.clone(),
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            disks: api_disks,
+            balloon: api_balloon,
+            changes: Default::default(),
+        };
+        api::server::spawn(listener, Arc::new(api))
+            .map_err(|e| Error::Setup(format!("spawning the control socket's thread: {e}")))?;
     }
     if config.console_input {
         spawn_console_input(console.clone(), filtered.clone())?;
@@ -278,9 +323,12 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
     drop(events);
 
     let event = event_rx.recv().unwrap_or(VmEvent::Fatal("every vCPU stopped without a reason".into()));
-    stop_vcpus(&stop, threads);
+    stop_vcpus(&control, threads);
     devices.shutdown();
     console.flush();
+    if let Some(path) = api_socket_now {
+        let _ = std::fs::remove_file(path);
+    }
 
     let exit = match (event, panic_watch.get()) {
         (VmEvent::Panic(line), _) | (VmEvent::Reset | VmEvent::TripleFault, Some(line)) => GuestExit::Panic(line),
@@ -324,8 +372,8 @@ fn spawn_console_input(console: Arc<SerialConsole>, filtered: Arc<Barrier>) -> R
 /// Sets `stop` and interrupts KVM_RUN on every vCPU thread until each has
 /// returned. A signal can land just before a thread enters KVM_RUN, so it is
 /// repeated until the thread is seen to finish.
-fn stop_vcpus(stop: &AtomicBool, threads: Vec<std::thread::JoinHandle<()>>) {
-    stop.store(true, Ordering::Release);
+fn stop_vcpus(control: &RunControl, threads: Vec<std::thread::JoinHandle<()>>) {
+    control.stop();
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut pending = threads;
     while !pending.is_empty() && Instant::now() < deadline {

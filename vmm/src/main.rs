@@ -51,6 +51,18 @@ struct Args {
     /// disks; they appear in the guest as /dev/vda, /dev/vdb, ... in order.
     #[arg(long = "disk", value_parser = DiskConfig::parse)]
     disks: Vec<DiskConfig>,
+    /// Empty virtio-blk devices after the `--disk` disks, to which the
+    /// control socket attaches disk images while the VM runs (and from
+    /// which it detaches them). Needs `--api-socket`.
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "api_socket",
+          value_parser = clap::value_parser!(u8).range(0..=16))]
+    disk_slots: u8,
+    /// The control socket: a Unix socket through which the host attaches
+    /// and detaches disks, sets the balloon's target, pauses and resumes
+    /// the VM and reads its state and per-disk counters (docs/vmm.md).
+    /// With `--jail` it must lie directly inside the jail.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     /// A virtio-net device over a host tap: `tap=NAME[,mac=AA:BB:CC:DD:EE:FF]`.
     /// An existing tap is attached to; otherwise one is created (which needs
     /// CAP_NET_ADMIN). The MAC defaults to 52:54:00:xx:xx:xx derived from the
@@ -115,6 +127,8 @@ fn main() -> ExitCode {
         console_input,
         console_max_bytes: args.console_max_kib << 10,
         disks: args.disks,
+        disk_slots: args.disk_slots,
+        api_socket: args.api_socket,
         nets: args.nets,
         vsock: args.vsock,
         shares: args.shares,

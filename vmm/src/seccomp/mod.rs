@@ -94,10 +94,12 @@ pub enum ThreadKind {
     Vsock,
     Fs,
     Balloon,
+    /// Serves the control socket (`--api-socket`).
+    Api,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 9] = [
+    pub const ALL: [ThreadKind; 10] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::ConsoleIn,
@@ -107,6 +109,7 @@ impl ThreadKind {
         ThreadKind::Vsock,
         ThreadKind::Fs,
         ThreadKind::Balloon,
+        ThreadKind::Api,
     ];
 
     /// The device workers, whose lists the spawner's includes.
@@ -124,6 +127,7 @@ impl ThreadKind {
             ThreadKind::Vsock => "virtio-vsock",
             ThreadKind::Fs => "virtio-fs",
             ThreadKind::Balloon => "virtio-balloon",
+            ThreadKind::Api => "api",
         }
     }
 

@@ -150,6 +150,7 @@ pub fn rules(kind: ThreadKind) -> Rules {
         ThreadKind::Vsock => vsock(),
         ThreadKind::Fs => worker_base(),
         ThreadKind::Balloon => balloon(),
+        ThreadKind::Api => api(),
     }
 }
 
@@ -236,6 +237,50 @@ fn block() -> Rules {
             libc::SYS_fdatasync,
         ],
     );
+    // Discard (a hole punched in the image) and write-zeroes.
+    add(
+        &mut r,
+        libc::SYS_fallocate,
+        arg32_in(
+            1,
+            &[
+                (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64,
+                (libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE) as u64,
+            ],
+        ),
+    );
+    r
+}
+
+/// The control socket's thread (api/server.rs): one connection at a time.
+fn api() -> Rules {
+    let mut r = base();
+    allow(
+        &mut r,
+        &[
+            // The next client (std's accept is accept4).
+            libc::SYS_accept4,
+            // A request and the image descriptor sent with it (SCM_RIGHTS),
+            // then the rest of its line (std's read on a socket is recv).
+            libc::SYS_recvmsg,
+            libc::SYS_recvfrom,
+            // attach-disk: the image's type and size (File::metadata).
+            libc::SYS_statx,
+            libc::SYS_fstat,
+            libc::SYS_newfstatat,
+            // pause: waiting for the vCPUs to park between kicks is a
+            // futex wait (base); the kicks are below.
+        ],
+    );
+    // The reply (std's write on a socket is send): never to an address.
+    add(&mut r, libc::SYS_sendto, arg_in(4, &[0]));
+    // The client's read and write timeouts.
+    add(&mut r, libc::SYS_setsockopt, arg32_in(2, &[libc::SO_RCVTIMEO as u64, libc::SO_SNDTIMEO as u64]));
+    // attach-disk: the image's access mode; the received descriptor made
+    // close-on-exec.
+    add(&mut r, libc::SYS_fcntl, arg32_in(1, &[libc::F_GETFL as u64, libc::F_SETFD as u64]));
+    // pause: pthread_kill(SIGRTMIN) interrupts KVM_RUN.
+    add(&mut r, libc::SYS_tgkill, arg32_in(2, &[libc::SIGRTMIN() as u64]));
     r
 }
 

@@ -1,7 +1,6 @@
 //! A vCPU: its start-up configuration and the run loop that turns KVM exits
 //! into bus accesses or VM events. Each vCPU runs on its own thread.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
@@ -12,6 +11,7 @@ use crate::arch::regs::{self, EntryPoint};
 use crate::arch::{cpuid, msr};
 use crate::devices::bus::Bus;
 use crate::devices::{EventSender, VmEvent};
+use crate::vstate::run_control::RunControl;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -76,10 +76,15 @@ impl Vcpu {
         }
     }
 
-    /// Runs the guest until it ends the VM, a fatal error occurs, or `stop`
-    /// is set (the caller then interrupts KVM_RUN with a signal).
-    pub fn run(mut self, stop: Arc<AtomicBool>) {
-        while !stop.load(Ordering::Acquire) {
+    /// Runs the guest until it ends the VM, a fatal error occurs, or
+    /// `control` is stopped (the caller then interrupts KVM_RUN with a
+    /// signal); waits between two runs while `control` is paused.
+    pub fn run(mut self, control: Arc<RunControl>) {
+        while !control.stopped() {
+            control.checkpoint();
+            if control.stopped() {
+                return;
+            }
             let event = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !self.pio.read(port as u64, data) {

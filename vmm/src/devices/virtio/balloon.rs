@@ -12,8 +12,8 @@
 //!
 //! - inflate: the driver hands over page frame numbers (le32, 4 KiB pages)
 //!   of pages it took out of its allocator; their host memory is discarded.
-//!   `num_pages` is always 0 for now: nothing on the host asks the guest to
-//!   inflate yet, but a driver may still inflate and is served.
+//!   The host sets the target, `num_pages`, through the control socket
+//!   (`set-balloon`); the guest inflates to it and reports `actual`.
 //! - deflate: the pages come back; nothing to do, a discarded page is
 //!   allocated again (zeroed) when the guest touches it.
 //! - reporting: the guest kernel's page reporting (mm/page_reporting.c)
@@ -356,31 +356,43 @@ const CONFIG_SIZE: usize = 16;
 const ACTUAL: std::ops::Range<usize> = 4..8;
 const POISON_VAL: std::ops::Range<usize> = 12..16;
 
+/// The balloon's size, shared with the control socket, which sets the
+/// target (changed under the transport's lock, then announced as a
+/// configuration change: see `MmioTransport::update_config`).
+#[derive(Debug, Default)]
+pub struct BalloonSize {
+    /// Pages (4 KiB) the device asks the guest to hold in the balloon.
+    pub num_pages: AtomicU32,
+    /// Pages the guest says it holds.
+    pub actual: AtomicU32,
+}
+
 pub struct Balloon {
     config: BalloonConfig,
-    /// Pages the device asks the guest to hold in the balloon.
-    num_pages: u32,
-    /// Pages the guest says it holds.
-    actual: u32,
+    size: Arc<BalloonSize>,
     poison: Arc<AtomicU32>,
 }
 
 impl Balloon {
     pub fn new(config: BalloonConfig) -> Balloon {
-        Balloon { config, num_pages: 0, actual: 0, poison: Arc::new(AtomicU32::new(0)) }
+        Balloon { config, size: Arc::default(), poison: Arc::new(AtomicU32::new(0)) }
+    }
+
+    pub fn size(&self) -> Arc<BalloonSize> {
+        self.size.clone()
     }
 
     fn config_space(&self) -> [u8; CONFIG_SIZE] {
         let mut c = [0u8; CONFIG_SIZE];
-        c[0..4].copy_from_slice(&self.num_pages.to_le_bytes());
-        c[ACTUAL].copy_from_slice(&self.actual.to_le_bytes());
+        c[0..4].copy_from_slice(&self.size.num_pages.load(Ordering::Acquire).to_le_bytes());
+        c[ACTUAL].copy_from_slice(&self.size.actual.load(Ordering::Acquire).to_le_bytes());
         c[POISON_VAL].copy_from_slice(&self.poison.load(Ordering::Acquire).to_le_bytes());
         c
     }
 
     /// Pages the guest says the balloon holds (`actual`).
     pub fn actual_pages(&self) -> u32 {
-        self.actual
+        self.size.actual.load(Ordering::Acquire)
     }
 }
 
@@ -411,10 +423,9 @@ impl VirtioDevice for Balloon {
             }
         }
         let actual = u32::from_le_bytes(c[ACTUAL].try_into().unwrap());
-        if actual != self.actual {
+        if actual != self.size.actual.swap(actual, Ordering::AcqRel) {
             tracing::debug!(actual, "virtio-balloon: the guest's balloon size changed");
         }
-        self.actual = actual;
         self.poison.store(u32::from_le_bytes(c[POISON_VAL].try_into().unwrap()), Ordering::Release);
     }
     fn activate(&mut self, a: Activation) -> Result<WorkerHandle, String> {

@@ -4,6 +4,7 @@
 //! registers a KVM ioeventfd per queue); when they do, it kicks the queue's
 //! eventfd itself.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
@@ -74,6 +75,10 @@ pub struct MmioTransport {
     interrupt: Arc<Interrupt>,
     queue_events: Vec<EventFd>,
     device_type: u32,
+    /// ConfigGeneration: bumped with every host-side change of the config
+    /// space, so that a driver reading a field wider than 32 bits (the
+    /// disk's capacity) retries instead of seeing half of each value.
+    config_generation: AtomicU32,
 }
 
 impl MmioTransport {
@@ -103,7 +108,26 @@ impl MmioTransport {
             interrupt: Arc::new(Interrupt::new(irqfd)),
             queue_events,
             device_type,
+            config_generation: AtomicU32::new(0),
         })
+    }
+
+    /// Changes the device's configuration from the host side (`change` runs
+    /// under the transport's lock, so no config read sees half of it), bumps
+    /// the generation and raises the configuration-change interrupt.
+    pub fn update_config<R>(&self, change: impl FnOnce() -> R) -> R {
+        let s = self.state.lock().unwrap();
+        let r = change();
+        self.config_generation.fetch_add(1, Ordering::SeqCst);
+        // Once a driver has the device (it requests the interrupt while it
+        // probes, and reads the config after): before that, nothing would
+        // handle the interrupt, and the probe reads the new value anyway.
+        let driven = s.status & STATUS_DRIVER != 0;
+        drop(s);
+        if driven {
+            self.interrupt.signal_config();
+        }
+        r
     }
 
     /// One eventfd per queue: the VMM registers each as a KVM ioeventfd on
@@ -239,7 +263,7 @@ impl MmioTransport {
             REG_QUEUE_READY => q.map_or(0, |q| q.ready() as u32),
             REG_INTERRUPT_STATUS => self.interrupt.status(),
             REG_STATUS => s.status,
-            REG_CONFIG_GENERATION => 0,
+            REG_CONFIG_GENERATION => self.config_generation.load(Ordering::SeqCst),
             _ => {
                 tracing::debug!(device = self.device_type, offset, "read of an unknown virtio-mmio register");
                 0
