@@ -8,7 +8,8 @@
 //! - disk size in bytes (up to 64 sectors and a partial tail);
 //! - start position of the rings (next_avail = next_used), used_event;
 //! - entries, as many as the input says and the table holds, each either
-//!   - a request a driver could make: type (IN, OUT, FLUSH, GET_ID or any),
+//!   - a request a driver could make: type (IN, OUT, FLUSH, GET_ID, DISCARD,
+//!     WRITE_ZEROES or any),
 //!     sector, up to three data segments of whole sectors or odd sizes, the
 //!     status byte, in the table or in an indirect table in guest memory; or
 //!   - a raw descriptor (addr u64, len u32, flags u16, next u16): flags and
@@ -49,6 +50,8 @@ const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
 
 /// A disk in memory that checks the handler's ranges: an access outside the
 /// disk is a bug of the handler (a file would read short or grow).
@@ -163,6 +166,10 @@ impl Builder<'_> {
             1 | 6 => T_OUT,
             2 => T_FLUSH,
             3 => T_GET_ID,
+            // Segments come from the payload: mostly past the end, now and
+            // then a range inside the disk.
+            4 if mode & 0x40 != 0 => T_WRITE_ZEROES,
+            4 => T_DISCARD,
             _ => u.arbitrary()?,
         };
         let indirect = mode & 0x08 != 0;

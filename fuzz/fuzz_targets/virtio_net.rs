@@ -43,7 +43,6 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 /// Where the other (valid, empty) queue lives, clear of the fuzzed one.
 const OTHER_QUEUE: u64 = 0xf0000;
 
-
 fuzz_target!(|data: &[u8]| {
     let _ = run(Unstructured::new(data));
 });

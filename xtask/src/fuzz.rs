@@ -13,7 +13,8 @@ use crate::paths;
 use crate::sh::{self, cmd};
 
 /// Every target in fuzz/fuzz_targets/.
-pub const TARGETS: &[&str] = &["virtio_blk", "virtio_mmio", "virtio_vsock", "virtio_net", "virtio_balloon"];
+pub const TARGETS: &[&str] =
+    &["virtio_blk", "virtio_mmio", "virtio_vsock", "virtio_net", "virtio_balloon", "api_request"];
 /// Seconds per target of `cargo xtask fuzz` without --seconds.
 pub const DEFAULT_SECONDS: u64 = 30;
 /// Seconds per target in `cargo xtask test`, unless HEARTH_FUZZ_SECONDS says otherwise.
