@@ -23,6 +23,9 @@ pub struct Status {
     pub record: VmRecord,
     pub health: HealthResponse,
     pub containers: Vec<StateContainerResponse>,
+    /// What hearth-vmm's control socket says (None: a VM from a shim
+    /// without one); an error is shown, not fatal.
+    pub vmm: Option<Result<hearth_vmm::api::VmInfo, String>>,
 }
 
 fn ctx() -> ttrpc::context::Context {
@@ -36,7 +39,9 @@ pub fn status(cfg: &Config) -> Result<Option<Status>> {
         .with_context(|| format!("connecting to the VM's agent through {}", record.vsock.display()))?;
     let health = agent.health(ctx(), &Empty::new()).context("asking the VM's agent for its health")?;
     let containers = agent.list_containers(ctx(), &Empty::new()).context("listing the VM's containers")?.containers;
-    Ok(Some(Status { record, health, containers }))
+    let vmm =
+        record.api_socket.as_ref().map(|path| hearth_vmm::api::Client::new(path).info().map_err(|e| e.to_string()));
+    Ok(Some(Status { record, health, containers, vmm }))
 }
 
 /// A string the guest reported, fit for a terminal: control characters
@@ -72,6 +77,35 @@ fn duration(ms: u64) -> String {
     }
 }
 
+/// hearth-vmm's own view: its state, the balloon, and each disk slot in
+/// use with its counters.
+fn vmm_lines(info: &hearth_vmm::api::VmInfo) -> String {
+    use hearth_vmm::api::protocol::VmState;
+    let state = match info.state {
+        VmState::Running => "running",
+        VmState::Paused => "paused",
+    };
+    let slots: Vec<_> = info.disks.iter().filter(|d| d.slot).collect();
+    let used: Vec<_> = slots.iter().filter(|d| d.id.is_some()).collect();
+    let balloon = info.balloon.map(|b| format!(", balloon {} MiB", b.actual_mib)).unwrap_or_default();
+    let mut out = format!("vmm:        {state}, disk slots {} in use of {}{balloon}\n", used.len(), slots.len());
+    for d in used {
+        let s = &d.stats;
+        out.push_str(&format!(
+            "  disk {:<20} {} MiB{}, {} requests, read {} MiB, written {} MiB, trimmed {} MiB, {} errors\n",
+            d.id.as_deref().unwrap_or_default(),
+            mib(d.size_bytes),
+            if d.read_only { " read-only" } else { "" },
+            s.requests,
+            mib(s.read_bytes),
+            mib(s.written_bytes),
+            mib(s.discarded_bytes),
+            s.errors,
+        ));
+    }
+    out
+}
+
 impl Status {
     /// The report `hearth status` prints.
     pub fn render(&self) -> String {
@@ -98,6 +132,11 @@ impl Status {
             guest_text(&h.boot_id),
             r.console.display(),
         );
+        match &self.vmm {
+            Some(Ok(info)) => out.push_str(&vmm_lines(info)),
+            Some(Err(e)) => out.push_str(&format!("vmm:        control socket unavailable: {e}\n")),
+            None => {}
+        }
         out.push_str(&format!("containers: {}\n", self.containers.len()));
         for c in &self.containers {
             let state = match c.status.enum_value_or_default() {

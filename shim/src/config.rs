@@ -47,6 +47,10 @@ pub struct Config {
     /// The size in KiB at which a VM's console log is rotated (at most
     /// twice this is kept per VM: the guest can print forever).
     pub console_log_max_kib: u64,
+    /// Empty disk devices the VM boots with, to which disk images are
+    /// attached through hearth-vmm's control socket while it runs
+    /// (docs/vmm.md); at most 12, leaving interrupt lines for the others.
+    pub disk_slots: u8,
 }
 
 impl Default for Config {
@@ -65,6 +69,7 @@ impl Default for Config {
             log_level: "info".into(),
             state_dir: "/run/hearth/vms".into(),
             console_log_max_kib: 32 << 10,
+            disk_slots: 4,
         }
     }
 }
@@ -103,6 +108,12 @@ impl Config {
         }
         if self.console_log_max_kib < 4 {
             anyhow::bail!("console_log_max_kib must be at least 4 (have {})", self.console_log_max_kib);
+        }
+        if self.disk_slots > 12 {
+            anyhow::bail!(
+                "disk_slots must be at most 12 (have {}): the VM has 19 interrupt lines for all its devices",
+                self.disk_slots
+            );
         }
         if self.memory_mib < 128 || self.vcpus == 0 {
             anyhow::bail!(

@@ -27,6 +27,10 @@ pub struct VmRecord {
     /// hearth-vmm's hybrid vsock socket, through which the agent answers.
     pub vsock: PathBuf,
     pub console: PathBuf,
+    /// hearth-vmm's control socket (`hearth_vmm::api`); absent in records
+    /// of shims from before it.
+    #[serde(default)]
+    pub api_socket: Option<PathBuf>,
 }
 
 impl VmRecord {
@@ -94,6 +98,7 @@ mod tests {
                 kernel: "/k".into(),
                 vsock: "/v".into(),
                 console: "/c".into(),
+                api_socket: Some("/a".into()),
             };
             r.write(&dir).unwrap();
             r

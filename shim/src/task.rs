@@ -251,6 +251,7 @@ impl Service {
             kernel: cfg.kernel.clone(),
             vsock: vm.vsock.clone(),
             console: vm.dir.join(crate::vm::JAIL).join("console.log"),
+            api_socket: Some(vm.dir.join(crate::vm::JAIL).join(crate::vm::API_SOCKET)),
         };
         if let Err(e) = record.write(&vm.dir) {
             log::warn!("writing the VM's record in {}: {e:#}", vm.dir.display());

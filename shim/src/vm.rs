@@ -41,6 +41,8 @@ pub const GUEST_ROOTS: &str = "/run/hearth/roots";
 const ROOTS_TAG: &str = "hearth-roots";
 /// The subdirectory of a VM directory that hearth-vmm is jailed in.
 pub const JAIL: &str = "jail";
+/// hearth-vmm's control socket, in the jail.
+pub const API_SOCKET: &str = "api.sock";
 
 pub struct Vm {
     pub dir: PathBuf,
@@ -121,6 +123,10 @@ impl Vm {
             .arg("--fs")
             .arg(format!("tag={ROOTS_TAG},dir={},cache=always,xattr=on", undo.shares[1].export().display()))
             .arg("--balloon")
+            .arg("--api-socket")
+            .arg(jail.join(API_SOCKET))
+            .arg("--disk-slots")
+            .arg(cfg.disk_slots.to_string())
             .arg("--jail")
             .arg(&jail)
             .args(["--cmdline", cmdline.trim()])

@@ -12,9 +12,11 @@
 //!   opened before, and a tap's descriptor keeps working);
 //! - its root pivoted to the jail directory, which holds only what it needs
 //!   by path at run time: the vsock socket, the stdio and other sockets that
-//!   guest connections reach (`<socket>_<port>`), and the console log with
-//!   its rotated copy. Everything else (kernel, initramfs, disks, taps, KVM,
-//!   virtiofsd's socket) is opened before and used through descriptors;
+//!   guest connections reach (`<socket>_<port>`), the control socket, and
+//!   the console log with its rotated copy. Everything else (kernel,
+//!   initramfs, disks, taps, KVM, virtiofsd's socket) is opened before and
+//!   used through descriptors; disks attached later arrive as descriptors
+//!   over the control socket;
 //! - no capabilities at all (effective, permitted, inheritable, ambient and
 //!   the bounding set), and no_new_privs: root's uid remains, so the jail
 //!   directory and its sockets must be owned by root (they are: the shim
