@@ -476,3 +476,222 @@ fn balloon_free_page_reporting_returns_freed_guest_memory_to_the_host() {
         off.settled
     );
 }
+
+/// Bytes the host file system holds for `path` (a sparse image's real size).
+fn allocated(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn block_disks_attach_and_detach_while_the_vm_runs_through_the_control_socket() {
+    use hearth_vmm::api::protocol::VmState;
+    use hearth_vmm::api::Client;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    let env = Env::get();
+    let scratch = Scratch::new("blk-hotplug");
+    // alpha: read-write, with a file the guest checks; beta: read-only.
+    let alpha_dir = scratch.path("alpha");
+    std::fs::create_dir_all(&alpha_dir).unwrap();
+    let alpha_payload = pseudo_random(1 << 20, 11);
+    std::fs::write(alpha_dir.join("payload.bin"), &alpha_payload).unwrap();
+    let alpha = scratch.path("alpha.img");
+    ext4_image(&alpha_dir, &alpha, 64);
+    let beta_dir = scratch.path("beta");
+    std::fs::create_dir_all(&beta_dir).unwrap();
+    let beta_payload = pseudo_random(256 << 10, 12);
+    std::fs::write(beta_dir.join("payload.bin"), &beta_payload).unwrap();
+    let beta = scratch.path("beta.img");
+    ext4_image(&beta_dir, &beta, 16);
+    let beta_before = std::fs::read(&beta).unwrap();
+    // The VMM is jailed as the shim runs it: it cannot open these paths
+    // itself, so the images travel as descriptors.
+    let jail = scratch.path("jail");
+    std::fs::create_dir_all(&jail).unwrap();
+    let api_path = jail.join("api.sock");
+
+    let script = r#"
+set -e
+# The disk whose serial is $1, as /dev/vdX, once its capacity is seen.
+wait_disk() {
+    i=0
+    while :; do
+        for d in /sys/block/vd*; do
+            if [ "$(cat $d/serial)" = "$1" ] && [ "$(cat $d/size)" != 0 ]; then
+                echo /dev/${d##*/}
+                return 0
+            fi
+        done
+        i=$((i + 1))
+        if [ $i -gt 300 ]; then echo "HEARTH-TIMEOUT: disk $1" >&2; return 1; fi
+        sleep 1
+    done
+}
+wait_empty() {
+    i=0
+    while [ "$(cat /sys/block/${1#/dev/}/size)" != 0 ]; do
+        i=$((i + 1))
+        if [ $i -gt 300 ]; then echo "HEARTH-TIMEOUT: $1 still has a disk"; return 1; fi
+        sleep 1
+    done
+}
+echo "HEARTH-EMPTY-SIZES: $(cat /sys/block/vdb/size) $(cat /sys/block/vdc/size)"
+echo "HEARTH-STEP: attach-alpha"
+a=$(wait_disk alpha)
+mkdir -p /mnt/a /mnt/b
+mount -t ext4 $a /mnt/a
+echo "HEARTH-ALPHA-SHA256: $(sha256sum /mnt/a/payload.bin | cut -d' ' -f1)"
+echo "written by the guest" > /mnt/a/guest.txt
+dd if=/dev/urandom of=/mnt/a/big.bin bs=1M count=24 2>/dev/null
+sync
+echo "HEARTH-STEP: alpha-filled"
+b=$(wait_disk beta)
+mount -t ext4 -o ro $b /mnt/b
+echo "HEARTH-BETA-SHA256: $(sha256sum /mnt/b/payload.bin | cut -d' ' -f1)"
+rm /mnt/a/big.bin
+sync
+echo "HEARTH-FSTRIM: $(fstrim -v /mnt/a 2>&1)"
+sync
+echo "HEARTH-STEP: alpha-trimmed"
+umount /mnt/a
+echo "HEARTH-STEP: alpha-unmounted"
+wait_empty $a
+echo "HEARTH-ALPHA-GONE-SIZE: $(cat /sys/block/${a#/dev/}/size)"
+echo "HEARTH-BETA-AFTER-SHA256: $(sha256sum /mnt/b/payload.bin | cut -d' ' -f1)"
+if dd if=/dev/zero of=$b bs=4k count=1 oflag=direct 2>/dev/null; then
+    echo "HEARTH-BETA-WRITE: succeeded"
+else
+    echo "HEARTH-BETA-WRITE: refused"
+fi
+umount /mnt/b
+# Ticks until the host, which pauses and resumes the VM meanwhile, takes beta away.
+n=0
+while [ "$(cat /sys/block/${b#/dev/}/size)" != 0 ]; do
+    n=$((n + 1))
+    echo "HEARTH-TICK: $n"
+    if [ $n -gt 300 ]; then echo "HEARTH-TIMEOUT: beta still attached"; exit 1; fi
+    sleep 1
+done
+echo "HEARTH-BOTH-EMPTY: $(cat /sys/block/vdb/size) $(cat /sys/block/vdc/size)"
+"#;
+    let mut run = GuestRun::new(&env, script);
+    run.extra_args = vec![
+        "--disk-slots".into(),
+        "2".into(),
+        "--api-socket".into(),
+        api_path.display().to_string(),
+        "--jail".into(),
+        jail.display().to_string(),
+    ];
+    let client = Client::new(&api_path);
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let check = {
+        let failures = failures.clone();
+        move |ok: bool, what: String| {
+            if !ok {
+                failures.lock().unwrap().push(what);
+            }
+        }
+    };
+    let ticks = Arc::new(AtomicUsize::new(0));
+    let ticks_while_paused = Arc::new(Mutex::new(None::<usize>));
+    let mut resumed_at_tick = None;
+    let mut alloc_filled = 0;
+    let mut alloc_trimmed = 0;
+    let mut alpha_stats = None;
+    let mut pauser = None;
+    let f = hearth_e2e::run_streaming(&mut run.command(&scratch), Duration::from_secs(900), |_, line| {
+        match line {
+            "HEARTH-STEP: attach-alpha" => {
+                let d = client.attach_disk_path(&alpha, "alpha", false);
+                check(d.is_ok(), format!("attaching alpha: {d:?}"));
+                // Refusals from the running VMM: the same image again, and
+                // (once beta is in) a third disk with both slots full.
+                let again = client.attach_disk_path(&alpha, "alpha2", true).map(|_| ()).unwrap_err().to_string();
+                check(again.contains("never attached twice"), format!("second attach of alpha: {again}"));
+            }
+            "HEARTH-STEP: alpha-filled" => {
+                alloc_filled = allocated(&alpha);
+                let d = client.attach_disk_path(&beta, "beta", true);
+                check(d.as_ref().is_ok_and(|d| d.read_only), format!("attaching beta: {d:?}"));
+                let third = scratch.path("third.img");
+                std::fs::write(&third, vec![0u8; 1 << 20]).unwrap();
+                let full = client.attach_disk_path(&third, "third", false).map(|_| ()).unwrap_err().to_string();
+                check(full.contains("--disk-slots"), format!("attach with no free slot: {full}"));
+            }
+            "HEARTH-STEP: alpha-trimmed" => alloc_trimmed = allocated(&alpha),
+            "HEARTH-STEP: alpha-unmounted" => {
+                let d = client.detach_disk("alpha");
+                check(d.is_ok(), format!("detaching alpha: {d:?}"));
+                alpha_stats = d.ok().map(|d| d.stats);
+            }
+            l if l.starts_with("HEARTH-TICK: ") => {
+                let n = ticks.fetch_add(1, Ordering::SeqCst) + 1;
+                if n == 1 {
+                    // Pause from another thread, so that lines keep being
+                    // read (and counted) while the VM is paused.
+                    let (ticks, during, api) = (ticks.clone(), ticks_while_paused.clone(), Client::new(&api_path));
+                    pauser = Some(std::thread::spawn(move || -> Result<(VmState, VmState), String> {
+                        api.pause().map_err(|e| e.to_string())?;
+                        let paused = api.info().map_err(|e| e.to_string())?.state;
+                        // Lines already on their way may still arrive.
+                        std::thread::sleep(Duration::from_millis(500));
+                        let before = ticks.load(Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_secs(4));
+                        *during.lock().unwrap() = Some(ticks.load(Ordering::SeqCst) - before);
+                        api.resume().map_err(|e| e.to_string())?;
+                        Ok((paused, api.info().map_err(|e| e.to_string())?.state))
+                    }));
+                } else if ticks_while_paused.lock().unwrap().is_some() && resumed_at_tick.is_none() {
+                    resumed_at_tick = Some(n);
+                    let d = client.detach_disk("beta");
+                    check(d.is_ok(), format!("detaching beta: {d:?}"));
+                }
+            }
+            _ => {}
+        }
+    });
+    let pause = pauser.map(|t| t.join().unwrap());
+    assert!(!f.killed, "the VM hung:\n{}", f.describe());
+    assert_eq!(f.status.code(), Some(0), "{}", f.describe());
+    assert_eq!(f.fact("RUN-EXIT"), "0", "the guest script failed:\n{}", f.describe());
+    let failures = failures.lock().unwrap();
+    assert!(failures.is_empty(), "{failures:#?}\n{}", f.describe());
+
+    assert_eq!(f.fact("EMPTY-SIZES"), "0 0", "slots start empty");
+    assert_eq!(f.fact("ALPHA-SHA256"), sha256(&alpha_payload), "the guest read the attached disk");
+    assert_eq!(f.fact("BETA-SHA256"), sha256(&beta_payload));
+    assert_eq!(f.fact("ALPHA-GONE-SIZE"), "0", "the guest saw alpha go");
+    assert_eq!(f.fact("BETA-AFTER-SHA256"), sha256(&beta_payload), "beta kept working when alpha went");
+    assert_eq!(f.fact("BETA-WRITE"), "refused", "a read-only attach refuses writes");
+    assert_eq!(f.fact("BOTH-EMPTY"), "0 0");
+    assert_eq!(std::fs::read(&beta).unwrap(), beta_before, "the read-only image is unchanged");
+    assert_eq!(ext4_read(&alpha, "guest.txt"), b"written by the guest\n", "the guest's write reached the image");
+
+    // Trim gave the deleted file's blocks back to the host.
+    hearth_e2e::figure(&format!(
+        "hot-attached 64 MiB ext4 image allocated on the host: {} KiB after writing 24 MiB, {} KiB after rm and fstrim",
+        alloc_filled >> 10,
+        alloc_trimmed >> 10
+    ));
+    assert!(alloc_filled > 24 << 20, "after writing 24 MiB the image holds {alloc_filled} bytes");
+    assert!(
+        alloc_trimmed + (16 << 20) < alloc_filled,
+        "fstrim did not shrink the image: {alloc_filled} -> {alloc_trimmed} bytes allocated ({})",
+        f.fact("FSTRIM")
+    );
+    let stats = alpha_stats.expect("alpha's counters");
+    assert!(stats.written_bytes >= 24 << 20 && stats.discarded_bytes >= 16 << 20, "{stats:?}");
+    assert!(stats.read_bytes >= 1 << 20 && stats.requests > 0 && stats.errors == 0, "{stats:?}");
+
+    // Paused means no guest progress; resumed, it goes on.
+    let (paused, resumed) = pause.expect("the VM was paused").unwrap();
+    assert_eq!((paused, resumed), (VmState::Paused, VmState::Running));
+    let during = ticks_while_paused.lock().unwrap().expect("ticks counted while paused");
+    assert_eq!(during, 0, "the guest ticked {during} times in 4 s while paused");
+    assert!(resumed_at_tick.is_some(), "the guest ticked again after resume");
+    assert!(!api_path.exists(), "the control socket is removed when the VM ends");
+}

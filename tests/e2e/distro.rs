@@ -222,6 +222,8 @@ fn a_debian_distro_through_its_life() {
         status.contains("memory:") && status.contains("debian") && status.contains("distros running: debian"),
         "{status}"
     );
+    // hearth-vmm's own view, through its control socket.
+    assert!(status.contains("vmm:        running, disk slots 0 in use of 4"), "{status}");
 
     // Export (refused while running), import under another name: the same files.
     let tar = scratch.path("debian.tar");

@@ -148,6 +148,11 @@ fn a_vsock_flood_is_capped() {
     });
     let vmm = c.vmm_pids()[0];
     assert_jailed(vmm);
+    // Its control socket, inside the jail, answers the host: running, with
+    // the configured disk slots, all empty.
+    let info = hearth_vmm::api::Client::new(dirs[0].join("jail/api.sock")).info().expect("the VMM's control socket");
+    assert_eq!(info.state, hearth_vmm::api::protocol::VmState::Running);
+    assert_eq!(info.disks.iter().filter(|d| d.slot && d.id.is_none()).count(), 4, "{info:?}");
     let cgroup = assert_in_its_cgroup(vmm, &dirs[0], &c);
     let rss_before = hearth_e2e::proc_status_kib(vmm as u32, "VmRSS").unwrap();
 
@@ -256,8 +261,8 @@ fn assert_in_its_cgroup(vmm: i32, vm_dir: &std::path::Path, c: &Containerd) -> s
 
 /// What an escape into hearth-vmm would inherit, as the host sees it: its
 /// own mount, network, IPC and UTS namespaces, a root holding only the
-/// vsock sockets and the console log, no capability, no_new_privs and
-/// seccomp filters.
+/// vsock sockets, the control socket and the console log, no capability,
+/// no_new_privs and seccomp filters.
 fn assert_jailed(vmm: i32) {
     let proc = format!("/proc/{vmm}");
     for ns in ["mnt", "net", "ipc", "uts"] {
@@ -272,8 +277,9 @@ fn assert_jailed(vmm: i32) {
         .collect();
     names.sort();
     assert!(names.contains(&"vsock.sock".to_string()), "hearth-vmm's root: {names:?}");
+    assert!(names.contains(&"api.sock".to_string()), "hearth-vmm's root: {names:?}");
     assert!(
-        names.iter().all(|n| n.starts_with("vsock.sock") || n.starts_with("console.log")),
+        names.iter().all(|n| n.starts_with("vsock.sock") || n.starts_with("console.log") || n == "api.sock"),
         "hearth-vmm's root holds more than its sockets and console log: {names:?}"
     );
     let status = std::fs::read_to_string(format!("{proc}/status")).unwrap();
