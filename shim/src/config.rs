@@ -51,6 +51,9 @@ pub struct Config {
     /// attached through hearth-vmm's control socket while it runs
     /// (docs/vmm.md); at most 12, leaving interrupt lines for the others.
     pub disk_slots: u8,
+    /// Where the disk images that containers may run on (annotation
+    /// `io.hearth.rootfs.disk`) must lie.
+    pub disk_images_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -70,6 +73,7 @@ impl Default for Config {
             state_dir: "/run/hearth/vms".into(),
             console_log_max_kib: 32 << 10,
             disk_slots: 4,
+            disk_images_dir: "/var/lib/hearth/disks".into(),
         }
     }
 }

@@ -9,11 +9,13 @@
 //!   redirect (a host-only tree, a read-only export);
 //! - [`metrics`]: the agent's cgroup statistics as containerd's metrics;
 //! - [`io`]: containerd's FIFOs to and from the agent's stdio streams;
+//! - [`disk`]: container roots on disk images attached to the VM;
 //! - [`config`] reads `/etc/hearth/config.toml`;
 //! - [`record`]: the running VM's record (`vm.json`) for `hearth status`.
 
 pub mod cgroup;
 pub mod config;
+pub mod disk;
 pub mod io;
 pub mod logging;
 pub mod metrics;

@@ -50,6 +50,9 @@ struct Container {
     init: Proc,
     execs: HashMap<String, Proc>,
     vm_boot_id: String,
+    /// The id of the disk its root is on, attached to the VM (detached at
+    /// delete), if it runs on a disk image (see disk.rs).
+    disk: Option<String>,
     /// The pid containerd is given for each of the container's processes:
     /// hearth-vmm's, the host process that runs them (as Kata reports its
     /// hypervisor's). A guest pid means nothing on the host, and `docker
@@ -432,6 +435,42 @@ impl Service {
         }
     }
 
+    /// containerd's snapshot, mounted on the host as runc's shim does, and
+    /// bound into the roots share for the guest.
+    fn share_root(
+        &self,
+        req: &CreateTaskRequest,
+        bundle: &Path,
+        spec: &oci_spec::runtime::Spec,
+        vm: &Vm,
+        mounts: &mut Vec<PathBuf>,
+    ) -> anyhow::Result<()> {
+        let host_root = bundle.join("rootfs");
+        for m in &req.rootfs {
+            let fstype = (!m.type_.is_empty()).then_some(m.type_.as_str());
+            std::fs::create_dir_all(&host_root)?;
+            containerd_shim::mount::mount_rootfs(fstype, Some(m.source.as_str()), &m.options, &host_root)
+                .map_err(|e| anyhow::anyhow!("mounting the container's rootfs: {e}"))?;
+            mounts.push(host_root.clone());
+        }
+        let root = match spec.root().as_ref().map(|r| r.path().clone()) {
+            Some(p) if p.is_absolute() => p,
+            Some(p) => bundle.join(p),
+            None => host_root.clone(),
+        };
+        mounts.push(vm.roots.bind(&Path::new(&req.id).join("rootfs"), &root, true, false)?);
+        Ok(())
+    }
+
+    /// Detaches a container's disk root from the VM (its agent unmounted it).
+    fn detach_disk(vm: &Vm, id: &str, disk: &Option<String>) {
+        if let Some(serial) = disk {
+            if let Err(e) = vm.api.detach_disk(serial) {
+                log::warn!("container {id}: detaching its disk {serial}: {e}");
+            }
+        }
+    }
+
     fn do_create(&self, req: &CreateTaskRequest) -> anyhow::Result<(u32, Container)> {
         let vm = self.ensure_vm().map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let bundle = PathBuf::from(&req.bundle);
@@ -439,22 +478,26 @@ impl Service {
             .map_err(|e| anyhow::anyhow!("reading {}/config.json: {e}", bundle.display()))?;
         let mut spec = hearth_oci::parse_spec(&spec_json)?;
         let mut mounts = Vec::new();
+        let mut disk = None;
         let result = (|| {
-            // containerd's snapshot, mounted on the host as runc's shim does.
-            let host_root = bundle.join("rootfs");
-            for m in &req.rootfs {
-                let fstype = (!m.type_.is_empty()).then_some(m.type_.as_str());
-                std::fs::create_dir_all(&host_root)?;
-                containerd_shim::mount::mount_rootfs(fstype, Some(m.source.as_str()), &m.options, &host_root)
-                    .map_err(|e| anyhow::anyhow!("mounting the container's rootfs: {e}"))?;
-                mounts.push(host_root.clone());
-            }
-            let root = match spec.root().as_ref().map(|r| r.path().clone()) {
-                Some(p) if p.is_absolute() => p,
-                Some(p) => bundle.join(p),
-                None => host_root.clone(),
+            let guest_root = Path::new(vm::GUEST_ROOTS).join(&req.id).join("rootfs");
+            let rootfs = match crate::disk::requested(&spec) {
+                // A root on a disk image: attached, then mounted by the agent.
+                Some(image) => {
+                    let file = crate::disk::open(&self.cfg().disk_images_dir, &image)?;
+                    let serial = crate::disk::serial(&req.id);
+                    vm.api
+                        .attach_disk(&file, &serial, false)
+                        .map_err(|e| anyhow::anyhow!("attaching the disk image {image} to the VM: {e}"))?;
+                    disk = Some(serial.clone());
+                    log::info!("container {}: root on the disk image {image} (disk {serial})", req.id);
+                    pb::Rootfs { block_serial: serial, ..Default::default() }
+                }
+                None => {
+                    self.share_root(req, &bundle, &spec, &vm, &mut mounts)?;
+                    pb::Rootfs { path: guest_root.display().to_string(), ..Default::default() }
+                }
             };
-            mounts.push(vm.roots.bind(&Path::new(&req.id).join("rootfs"), &root, true, false)?);
             for b in hearth_oci::translate::for_guest(&mut spec, &req.id, Path::new(vm::GUEST_SHARED)) {
                 mounts.push(vm.shared.bind(&b.in_share, &b.source, b.recursive, b.readonly)?);
             }
@@ -465,11 +508,10 @@ impl Service {
                 terminal: req.terminal,
             };
             let (stdio, pending) = io::prepare(&vm.vsock, &paths)?;
-            let guest_root = Path::new(vm::GUEST_ROOTS).join(&req.id).join("rootfs");
             let create = pb::CreateContainerRequest {
                 container_id: req.id.clone(),
                 spec_json: serde_json::to_vec(&spec)?,
-                rootfs: Some(pb::Rootfs { path: guest_root.display().to_string(), ..Default::default() }).into(),
+                rootfs: Some(rootfs).into(),
                 stdio: Some(stdio).into(),
                 ..Default::default()
             };
@@ -489,11 +531,13 @@ impl Service {
                     init: Proc { paths, io, ..Default::default() },
                     execs: HashMap::new(),
                     vm_boot_id: vm.boot_id.clone(),
+                    disk,
                     host_pid,
                 },
             )),
             Err(e) => {
                 Self::undo_mounts(&mounts);
+                Self::detach_disk(&vm, &req.id, &disk);
                 vm.forget_dirs(&req.id);
                 Err(e)
             }
@@ -785,6 +829,7 @@ impl Task for Service {
                 log::warn!("deleting {} in the VM: {e:?}", req.id);
             }
             Self::undo_mounts(&c.mounts);
+            Self::detach_disk(&vm, &req.id, &c.disk);
             vm.forget_dirs(&req.id);
         } else {
             Self::undo_mounts(&c.mounts);

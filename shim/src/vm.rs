@@ -50,6 +50,8 @@ pub struct Vm {
     pub roots: Share,
     pub vsock: PathBuf,
     pub agent: AgentClient,
+    /// hearth-vmm's control socket: disks attached while it runs.
+    pub api: hearth_vmm::api::Client,
     pub vmm_pid: i32,
     pub boot_id: String,
     /// hearth-vmm's own cgroup (None on a cgroup v1 host).
@@ -188,7 +190,8 @@ impl Vm {
         let shared = undo.shares.pop().expect("two shares");
         let cgroup = undo.cgroup.take();
         std::mem::forget(undo);
-        Ok(Vm { dir: dir.to_path_buf(), shared, roots, vsock, agent, vmm_pid: pid, boot_id, cgroup })
+        let api = hearth_vmm::api::Client::new(jail.join(API_SOCKET));
+        Ok(Vm { dir: dir.to_path_buf(), shared, roots, vsock, agent, api, vmm_pid: pid, boot_id, cgroup })
     }
 
     /// Asks the agent to stop everything and power off; kills the VMM if it

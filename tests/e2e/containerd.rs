@@ -292,3 +292,113 @@ fn per_pod_vms_through_a_runtime_config_path() {
         std::fs::read_dir(&c.vms).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     assert!(vm_dirs.is_empty(), "VM state left: {vm_dirs:?}");
 }
+
+/// An ext4 image for a container root: busybox as /bin/sh and a marker file.
+fn root_image(scratch: &Scratch, image: &std::path::Path, marker: &str) {
+    let dir = scratch.path(&format!("tree-{marker}"));
+    for d in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    std::fs::copy("/usr/bin/busybox", dir.join("bin/busybox")).expect("busybox-static (cargo xtask setup)");
+    for applet in ["sh", "cat", "dd", "rm", "sync", "sleep", "echo"] {
+        std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(dir.join("hello.txt"), format!("from {marker}\n")).unwrap();
+    hearth_e2e::ext4_image(&dir, image, 64);
+}
+
+fn allocated(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Containers whose root is an ext4 disk image (annotation
+/// io.hearth.rootfs.disk), attached to the running VM and detached at
+/// delete: two at once on two disks, each detached on its own while the
+/// other runs; files kept across delete and a VM restart; deleted files'
+/// space given back to the sparse image; an image in use, a damaged one, a
+/// missing one and one outside disk_images_dir each refused by name.
+#[test]
+fn containers_run_on_disk_images_attached_while_the_vm_runs() {
+    let env = Env::get();
+    let scratch = Scratch::new("containerd-disks");
+    let disks = scratch.path("disks");
+    std::fs::create_dir_all(&disks).unwrap();
+    let a = disks.join("a.img");
+    let b = disks.join("b.img");
+    root_image(&scratch, &a, "a");
+    root_image(&scratch, &b, "b");
+    let c = Containerd::start_with(
+        &env,
+        &scratch,
+        &format!("idle_timeout_secs = 3\ndisk_images_dir = \"{}\"\n", disks.display()),
+    );
+    let on = |img: &std::path::Path| format!("io.hearth.rootfs.disk={}", img.display());
+
+    // c1 runs on a, and keeps running.
+    c.ok(&["run", "-d", "--runtime", RUNTIME, "--annotation", &on(&a), IMAGE, "c1", "sleep", "1000"]);
+    wait_until("c1 running", Duration::from_secs(120), || running(&c, "c1"));
+    assert_eq!(c.ok(&["task", "exec", "--exec-id", "e1", "c1", "cat", "/hello.txt"]), "from a\n");
+    c.ok(&["task", "exec", "--exec-id", "e2", "c1", "sh", "-c", "echo kept > /kept.txt && sync"]);
+
+    // c2 on b, beside it: writes 24 MiB, deletes it; the image gets it back.
+    let b_before = allocated(&b);
+    let o = c.run(
+        "c2",
+        &["--annotation", &on(&b)],
+        &[
+            "sh",
+            "-c",
+            "cat /hello.txt && dd if=/dev/zero of=/big bs=1M count=24 2>/dev/null && sync && rm /big && sync",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "from b\n");
+    let b_after = allocated(&b);
+    hearth_e2e::figure(&format!(
+        "disk root b.img allocated on the host: {} KiB before, {} KiB after writing and deleting 24 MiB",
+        b_before >> 10,
+        b_after >> 10
+    ));
+    assert!(b_after < b_before + (8 << 20), "deleting 24 MiB did not shrink the image: {b_before} -> {b_after}");
+
+    // b went with c2; a stays attached to the running c1.
+    let vm_dir = std::fs::read_dir(&c.vms).unwrap().flatten().next().expect("the VM's directory").path();
+    let info = hearth_vmm::api::Client::new(vm_dir.join("jail/api.sock")).info().unwrap();
+    let attached: Vec<_> = info.disks.iter().filter(|d| d.id.is_some()).collect();
+    assert_eq!(attached.len(), 1, "{info:?}");
+    assert!(attached[0].stats.written_bytes > 0, "{info:?}");
+
+    // Refusals, each by name, leaving c1 alone.
+    let refused = |id: &str, image: &std::path::Path, why: &str| {
+        let o = c.run(id, &["--annotation", &on(image)], &["cat", "/hello.txt"]);
+        assert!(!o.status.success() && text(&o).contains(why), "{id}: want {why:?}: {}", text(&o));
+    };
+    refused("c3", &a, "is in use");
+    let bad = disks.join("bad.img");
+    std::fs::write(&bad, vec![0x5au8; 4 << 20]).unwrap();
+    refused("c4", &bad, "damaged or not an ext4");
+    refused("c5", &disks.join("missing.img"), "does not exist");
+    let outside = scratch.path("outside.img");
+    std::fs::copy(&b, &outside).unwrap();
+    refused("c6", &outside, "not directly in");
+    assert_eq!(c.ok(&["task", "exec", "--exec-id", "e3", "c1", "cat", "/hello.txt"]), "from a\n", "c1 kept its disk");
+
+    // c1 goes; the VM idles out; a new VM finds what c1 wrote on a.
+    c.ok(&["task", "kill", "-s", "SIGKILL", "c1"]);
+    wait_until("c1 stopped", Duration::from_secs(60), || stopped(&c, "c1"));
+    c.ok(&["task", "rm", "c1"]);
+    c.ok(&["container", "rm", "c1"]);
+    wait_until("the VM to idle out", Duration::from_secs(120), || c.vmm_pids().is_empty());
+    let o = c.run("c7", &["--annotation", &on(&a)], &["cat", "/kept.txt"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "kept\n",
+        "a file written on the disk outlives its container and VM"
+    );
+    // The image is whole on the host too.
+    assert_eq!(hearth_e2e::ext4_read(&a, "kept.txt"), b"kept\n");
+    let fsck = Command::new("e2fsck").args(["-n", "-f"]).arg(&a).output().unwrap();
+    assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
+}

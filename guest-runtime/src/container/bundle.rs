@@ -1,6 +1,7 @@
 //! Turning a create request into a bundle libcontainer can run: the
-//! container's root filesystem (a directory, or an overlay assembled here)
-//! and a config.json pointing at it.
+//! container's root filesystem (a directory, an overlay assembled here, or
+//! a disk the host attached, found by its serial and mounted here) and a
+//! config.json pointing at it.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,9 @@ pub struct Bundle {
     pub rootfs: PathBuf,
     /// The overlay this agent mounted, if it assembled one.
     pub overlay: Option<PathBuf>,
+    /// The disk root this agent mounted: unmounted for real (not lazily)
+    /// at removal, since the host detaches the disk next.
+    pub disk: Option<PathBuf>,
     /// The cgroup path in the spec (set to `/hearth/<id>` when absent).
     pub cgroup_path: PathBuf,
 }
@@ -45,7 +49,13 @@ pub fn prepare(bundles_dir: &Path, id: &str, mut spec: Spec, rootfs: &Rootfs) ->
     }
     std::fs::create_dir_all(&dir).map_err(|e| AgentError::internal(format!("creating {}", dir.display()), e))?;
     let result = (|| {
-        let (root_path, overlay) = if rootfs.lower_dirs.is_empty() {
+        let mut disk = None;
+        let (root_path, overlay) = if !rootfs.block_serial.is_empty() {
+            let target = dir.join("rootfs");
+            mount_disk(&target, rootfs)?;
+            disk = Some(target.clone());
+            (target, None)
+        } else if rootfs.lower_dirs.is_empty() {
             if rootfs.path.is_empty() {
                 return Err(AgentError::InvalidArgument(
                     "no root filesystem: give rootfs.path or rootfs.lower_dirs".into(),
@@ -81,12 +91,60 @@ pub fn prepare(bundles_dir: &Path, id: &str, mut spec: Spec, rootfs: &Rootfs) ->
         spec.set_linux(Some(linux));
         let json = serde_json::to_vec_pretty(&spec).map_err(|e| AgentError::internal("writing config.json", e))?;
         std::fs::write(dir.join("config.json"), json).map_err(|e| AgentError::internal("writing config.json", e))?;
-        Ok(Bundle { dir: dir.clone(), rootfs: root_path, overlay, cgroup_path })
+        Ok(Bundle { dir: dir.clone(), rootfs: root_path, overlay, disk, cgroup_path })
     })();
     if result.is_err() {
+        let _ = umount2(&dir.join("rootfs"), MntFlags::empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
     result
+}
+
+/// How long the agent waits for an attached disk to show up: the host's
+/// attach reaches the guest's driver as a configuration-change interrupt,
+/// handled on a workqueue.
+const DISK_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// The block device whose serial is `serial`, once it has a size.
+pub fn find_disk(sys_block: &Path, serial: &str) -> Option<String> {
+    for e in std::fs::read_dir(sys_block).ok()?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let read = |f: &str| std::fs::read_to_string(e.path().join(f)).unwrap_or_default();
+        if read("serial").trim_end_matches(['\n', '\0']) == serial && read("size").trim() != "0" {
+            return Some(name);
+        }
+    }
+    None
+}
+
+fn mount_disk(target: &Path, rootfs: &Rootfs) -> Result<()> {
+    let serial = &rootfs.block_serial;
+    let ok = serial.len() <= 20 && serial.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !ok {
+        return Err(AgentError::InvalidArgument(format!("{serial:?} is not a disk serial")));
+    }
+    let fs_type = if rootfs.fs_type.is_empty() { "ext4" } else { rootfs.fs_type.as_str() };
+    if !matches!(fs_type, "ext4" | "ext2" | "ext3" | "xfs" | "btrfs" | "erofs") {
+        return Err(AgentError::InvalidArgument(format!("{fs_type:?} is not a file system for a disk root")));
+    }
+    let deadline = std::time::Instant::now() + DISK_WAIT;
+    let name = loop {
+        if let Some(n) = find_disk(Path::new("/sys/block"), serial) {
+            break n;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(AgentError::InvalidArgument(format!(
+                "no disk with serial {serial:?} appeared within {DISK_WAIT:?}: was it attached to this VM?"
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    std::fs::create_dir_all(target).map_err(|e| AgentError::internal(format!("creating {}", target.display()), e))?;
+    let dev = format!("/dev/{name}");
+    // discard: a deleted file's blocks go back to the host's sparse image.
+    let data = if fs_type == "erofs" { "" } else { "discard" };
+    mount(Some(dev.as_str()), target, Some(fs_type), MsFlags::MS_NOATIME, Some(data))
+        .map_err(|e| AgentError::internal(format!("mounting the disk {dev} ({fs_type}, serial {serial})"), e))
 }
 
 fn mount_overlay(dir: &Path, target: &Path, rootfs: &Rootfs) -> Result<()> {
@@ -113,6 +171,14 @@ fn mount_overlay(dir: &Path, target: &Path, rootfs: &Rootfs) -> Result<()> {
 
 impl Bundle {
     pub fn remove(&self) {
+        if let Some(d) = &self.disk {
+            // Every process of the container is gone: a plain unmount
+            // writes the file system back before the host detaches it.
+            if let Err(e) = umount2(d, MntFlags::empty()) {
+                tracing::error!(root = %d.display(), "unmounting the disk root: {e}; detaching it lazily");
+                let _ = umount2(d, MntFlags::MNT_DETACH);
+            }
+        }
         if let Some(o) = &self.overlay {
             if let Err(e) = umount2(o, MntFlags::MNT_DETACH) {
                 tracing::warn!(overlay = %o.display(), "unmounting the overlay: {e}");
@@ -127,6 +193,25 @@ impl Bundle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_disk_is_found_by_its_serial_once_it_has_a_size() {
+        let sys = std::env::temp_dir().join(format!("hearth-sysblock-{}", std::process::id()));
+        let dev = |name: &str, serial: &str, size: &str| {
+            std::fs::create_dir_all(sys.join(name)).unwrap();
+            std::fs::write(sys.join(name).join("serial"), serial).unwrap();
+            std::fs::write(sys.join(name).join("size"), size).unwrap();
+        };
+        dev("vda", "run.img\n", "131072\n");
+        dev("vdb", "", "0\n");
+        dev("vdc", "r0123456789abcdef", "0\n");
+        assert_eq!(find_disk(&sys, "r0123456789abcdef"), None, "attached, but its size is not seen yet");
+        dev("vdc", "r0123456789abcdef", "2048\n");
+        assert_eq!(find_disk(&sys, "r0123456789abcdef").as_deref(), Some("vdc"));
+        assert_eq!(find_disk(&sys, "r0123456789abcde"), None, "a prefix is not the serial");
+        assert_eq!(find_disk(&sys, ""), None, "an empty slot is nobody's disk");
+        std::fs::remove_dir_all(&sys).unwrap();
+    }
 
     #[test]
     fn ids_are_plain_names() {
