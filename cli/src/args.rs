@@ -156,10 +156,24 @@ pub enum DistroCommand {
         #[arg(long, value_delimiter = ',')]
         include: Vec<String>,
     },
-    /// Register a root filesystem tar (plain or gzipped, as `export` writes) as distro NAME
-    Import { name: String, file: PathBuf },
-    /// Write distro NAME's files to a root filesystem tar (gzipped if FILE ends in .gz)
-    Export { name: String, file: PathBuf },
+    /// Register a root filesystem tar (plain or gzipped, as `export` writes) as distro NAME;
+    /// with --vhd, an ext4 disk image, copied into disk_images_dir, which the distro runs on
+    Import {
+        name: String,
+        file: PathBuf,
+        /// FILE is an ext4 disk image: the distro runs on (a copy of) it
+        #[arg(long)]
+        vhd: bool,
+    },
+    /// Write distro NAME's files to a root filesystem tar (gzipped if FILE ends in .gz);
+    /// with --vhd, a copy of a disk-backed distro's ext4 image
+    Export {
+        name: String,
+        file: PathBuf,
+        /// Write the distro's ext4 disk image (a distro imported with --vhd)
+        #[arg(long)]
+        vhd: bool,
+    },
     /// Remove distro NAME and its files
     #[command(visible_alias = "rm")]
     Unregister { name: String },

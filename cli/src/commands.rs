@@ -117,13 +117,13 @@ async fn distro(h: &Hearth, cmd: DistroCommand) -> Result<i32> {
             println!("{} installed ({}): `hearth -d {}` opens a shell in it", d.name, d.os, d.name);
         }
         DistroCommand::Build { .. } => unreachable!("handled without containerd"),
-        DistroCommand::Import { name, file } => {
-            let d = h.import(&name, &file).await?;
+        DistroCommand::Import { name, file, vhd } => {
+            let d = if vhd { h.import_vhd(&name, &file).await? } else { h.import(&name, &file).await? };
             println!("{} imported ({})", d.name, if d.os.is_empty() { "unknown OS" } else { &d.os });
         }
-        DistroCommand::Export { name, file } => {
+        DistroCommand::Export { name, file, vhd } => {
             let d = h.distro(&name).await?;
-            let size = h.export(&d, &file).await?;
+            let size = if vhd { h.export_vhd(&d, &file).await? } else { h.export(&d, &file).await? };
             println!("{name} exported to {} ({} MiB)", file.display(), size >> 20);
         }
         DistroCommand::Unregister { name } => {

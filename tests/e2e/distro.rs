@@ -290,3 +290,91 @@ fn mistakes_are_named_with_their_fix() {
     fails(&["list"], "defualt_distro");
     fails(&["list"], &h.config.display().to_string());
 }
+
+/// Distros on ext4 disk images (`import --vhd`), as WSL keeps each distro
+/// in a VHDX: the root is the image, attached when the distro starts and
+/// detached when it stops; files survive terminate and a VM restart; two
+/// distros on two disks run at once and stop independently; `export --vhd`
+/// then `import --vhd` under another name gives the same files; deleting a
+/// file gives its space back to the sparse image; bad images are refused.
+#[test]
+fn distros_on_disk_images() {
+    let env = Env::get();
+    let scratch = Scratch::new("distro-disks");
+    let c = Containerd::start(&env, &scratch, 30);
+    let h = Hearth::new(&env, &scratch, &c, 512);
+    let tree = scratch.path("tree");
+    hearth_e2e::agent::busybox_rootfs(&tree, &env.guest_tool).unwrap();
+    std::fs::write(tree.join("hello.txt"), "from the image\n").unwrap();
+    let img = scratch.path("tiny.img");
+    hearth_e2e::ext4_image(&tree, &img, 128);
+    let disks = scratch.path("disks");
+
+    h.ok(&["distro", "import", "--vhd", "tiny", &img.display().to_string()]);
+    let image = disks.join("tiny.img");
+    assert!(image.is_file(), "the image is copied into disk_images_dir");
+    assert_eq!(h.sh("tiny", "cat /hello.txt; echo kept > /kept.txt; sync"), "from the image\n");
+    let root = h.sh("tiny", "grep ' / ' /proc/self/mounts");
+    assert!(root.starts_with("/dev/vd") && root.contains(" / ext4 ") && root.contains("discard"), "{root}");
+
+    // Deleting a file gives its space back to the sparse image (after fstrim).
+    h.sh("tiny", "dd if=/dev/zero of=/big bs=1M count=32 2>/dev/null && sync");
+    let full = allocated(&image);
+    // The root is mounted with discard, whose discards are issued after the
+    // journal commits, asynchronously; fstrim waits for its own.
+    h.sh("tiny", "rm /big && sync && fstrim /");
+    let trimmed = allocated(&image);
+    hearth_e2e::figure(&format!(
+        "distro disk image allocated on the host: {} KiB with a 32 MiB file, {} KiB once it is deleted",
+        full >> 10,
+        trimmed >> 10
+    ));
+    assert!(trimmed + (24 << 20) < full, "deleting 32 MiB left the image at {trimmed} of {full} bytes");
+
+    // Export the image, import it as a second distro: the same files.
+    h.ok(&["terminate", "tiny"]);
+    let out = scratch.path("out.img");
+    h.ok(&["distro", "export", "--vhd", "tiny", &out.display().to_string()]);
+    h.ok(&["distro", "import", "--vhd", "tiny2", &out.display().to_string()]);
+    assert_eq!(h.sh("tiny2", "cat /kept.txt"), "kept\n");
+    // Both at once, each on its own disk, then one stopped while the other runs.
+    h.sh("tiny2", "echo two > /kept.txt && sync");
+    assert_eq!(h.sh("tiny", "cat /kept.txt"), "kept\n", "tiny kept its file across terminate");
+    let status = h.ok(&["status"]);
+    assert!(status.contains("disk slots 2 in use"), "{status}");
+    h.ok(&["terminate", "tiny2"]);
+    assert_eq!(h.sh("tiny", "cat /kept.txt"), "kept\n", "tiny runs on while tiny2 stops");
+    let status = h.ok(&["status"]);
+    assert!(status.contains("disk slots 1 in use"), "{status}");
+
+    // A VM restart: the files are still there.
+    h.ok(&["shutdown"]);
+    assert_eq!(h.sh("tiny2", "cat /kept.txt"), "two\n");
+
+    // Mistakes, each named with its fix, losing nothing.
+    let fails = |args: &[&str], want: &str| {
+        let o = h.run(args);
+        assert_eq!(o.status.code(), Some(125), "hearth {args:?}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "hearth {args:?} should say {want:?}: {err}");
+    };
+    let garbage = scratch.path("garbage.img");
+    std::fs::write(&garbage, vec![0x5au8; 4 << 20]).unwrap();
+    fails(&["distro", "import", "--vhd", "bad", &garbage.display().to_string()], "damaged or not an ext4");
+    fails(&["distro", "import", "--vhd", "tiny", &out.display().to_string()], "exists already");
+    fails(&["distro", "export", "tiny", &scratch.path("t.tar").display().to_string()], "--vhd");
+    fails(
+        &["distro", "export", "--vhd", "tiny2", &scratch.path("t.img").display().to_string()],
+        "hearth terminate tiny2",
+    );
+    assert!(!disks.join("bad.img").exists(), "a refused import leaves no image behind");
+
+    h.ok(&["distro", "unregister", "tiny2"]);
+    assert!(!disks.join("tiny2.img").exists(), "unregister removes the distro's image");
+    assert_eq!(h.sh("tiny", "cat /hello.txt"), "from the image\n");
+}
+
+fn allocated(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}

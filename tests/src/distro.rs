@@ -36,7 +36,8 @@ impl Hearth {
     pub fn new(env: &Env, scratch: &Scratch, c: &Containerd, memory_mib: u32) -> Hearth {
         let vm_state = scratch.path("distro-vms");
         let vm_config = scratch.path("distro-vm.toml");
-        std::fs::write(&vm_config, Containerd::hearth_config_with(env, &vm_state, memory_mib, "")).unwrap();
+        let disks = format!("disk_images_dir = \"{}\"\n", scratch.path("disks").display());
+        std::fs::write(&vm_config, Containerd::hearth_config_with(env, &vm_state, memory_mib, &disks)).unwrap();
         let share = scratch.path("share");
         let log_dir = scratch.path("distro-logs");
         std::fs::create_dir_all(&share).unwrap();

@@ -26,6 +26,15 @@ impl Hearth {
     /// Writes distro `d`'s files to `file` (gzip-compressed if it ends in
     /// `.gz` or `.tgz`); its size.
     pub async fn export(&self, d: &Distro, file: &Path) -> Result<u64> {
+        if let Some(disk) = &d.disk {
+            bail!(
+                "distro {} is on the disk image {}: export it with `hearth distro export --vhd {} FILE.img` \
+                 (a tar of a disk-backed distro is not written yet)",
+                d.name,
+                disk.display(),
+                d.name
+            );
+        }
         if let s @ (State::Running { .. } | State::Starting) = self.state(&d.name).await? {
             bail!(
                 "distro {} is {}: its files would change while they are read. Stop it first with `hearth terminate {}`",

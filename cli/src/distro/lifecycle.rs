@@ -37,7 +37,7 @@ fn runtime_options(config_path: &std::path::Path) -> prost_types::Any {
 }
 
 impl Hearth {
-    fn spec_for(&self, d: &Distro) -> Result<prost_types::Any> {
+    pub(super) fn spec_for(&self, d: &Distro) -> Result<prost_types::Any> {
         let share = self.cfg.host_share.as_deref().filter(|p| p.is_dir());
         let spec = DistroSpec {
             name: &d.name,
@@ -45,10 +45,15 @@ impl Hearth {
             host_share: share.map(|p| (p, self.cfg.host_share_path.as_str())),
             init_env: &self.cfg.init_env,
         };
-        Ok(prost_types::Any { type_url: SPEC_TYPE_URL.into(), value: serde_json::to_vec(&spec.to_json())? })
+        let mut json = spec.to_json();
+        if let Some(disk) = &d.disk {
+            // The shim attaches this image and the agent mounts it as the root.
+            json["annotations"][containerd_shim_hearth_v2::disk::ANNOTATION] = disk.display().to_string().into();
+        }
+        Ok(prost_types::Any { type_url: SPEC_TYPE_URL.into(), value: serde_json::to_vec(&json)? })
     }
 
-    fn runtime(&self) -> Runtime {
+    pub(super) fn runtime(&self) -> Runtime {
         Runtime { name: self.cfg.runtime.clone(), options: self.cfg.vm_config.as_deref().map(runtime_options) }
     }
 
@@ -68,6 +73,7 @@ impl Hearth {
             image: image.name.clone(),
             snapshot_key: format!("hearth-distro-{name}"),
             created: SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs(),
+            disk: None,
         };
         let lease = Lease::create(&self.cd, "register", Duration::from_secs(3600)).await?;
         let leased = self.cd.with_lease(&lease.id);
@@ -100,7 +106,9 @@ impl Hearth {
     async fn recreate(&self, mut c: Container) -> Result<()> {
         let lease = Lease::create(&self.cd, "recreate", Duration::from_secs(600)).await?;
         let result = async {
-            lease.hold_snapshot(&self.cd, &c.snapshotter, &c.snapshot_key).await?;
+            if !c.snapshot_key.is_empty() {
+                lease.hold_snapshot(&self.cd, &c.snapshotter, &c.snapshot_key).await?;
+            }
             self.cd.delete_container(&c.id).await?;
             c.runtime = Some(self.runtime());
             self.cd.create_container(c).await
@@ -134,7 +142,11 @@ impl Hearth {
         } else {
             self.recreate(c).await?;
         }
-        let rootfs = self.cd.snapshot_mounts(&self.cfg.snapshotter, &d.snapshot_key).await?;
+        // A disk-backed distro's root comes with the spec (its annotation).
+        let rootfs = match d.disk {
+            Some(_) => Vec::new(),
+            None => self.cd.snapshot_mounts(&self.cfg.snapshotter, &d.snapshot_key).await?,
+        };
         std::fs::create_dir_all(&self.cfg.log_dir)
             .with_context(|| format!("creating the log directory {}", self.cfg.log_dir.display()))?;
         let log = format!("file://{}", self.console_log(&d.name).display());
@@ -196,6 +208,11 @@ impl Hearth {
     pub async fn unregister(&self, d: &Distro) -> Result<()> {
         self.terminate(d).await?;
         self.cd.delete_container(&d.name).await?;
+        if let Some(disk) = &d.disk {
+            std::fs::remove_file(disk).with_context(|| format!("removing the disk image {}", disk.display()))?;
+            let _ = std::fs::remove_file(self.console_log(&d.name));
+            return Ok(());
+        }
         self.cd.remove_snapshot(&self.cfg.snapshotter, &d.snapshot_key).await?;
         let others = self.distros().await?;
         if !others.iter().any(|o| o.image == d.image) {

@@ -11,8 +11,10 @@
 //! - [`spec`]: the runtime spec of a distro's init and its processes;
 //! - [`lifecycle`]: register, start, terminate, unregister;
 //! - [`install`]: install from a recipe, import a root filesystem tar;
-//! - [`export`]: a distro's files as a root filesystem tar.
+//! - [`export`]: a distro's files as a root filesystem tar;
+//! - [`disk`]: distros on ext4 disk images (`import --vhd`, `export --vhd`).
 
+pub mod disk;
 pub mod export;
 pub mod install;
 pub mod lifecycle;
@@ -49,6 +51,9 @@ pub struct Distro {
     pub snapshot_key: String,
     /// Unix seconds.
     pub created: u64,
+    /// The ext4 image it runs on, for a distro on a disk image (see
+    /// [`disk`]); None for one on a containerd snapshot.
+    pub disk: Option<std::path::PathBuf>,
 }
 
 /// Whether a distro runs.
@@ -97,18 +102,23 @@ impl Distro {
             image: c.image.clone(),
             snapshot_key: c.snapshot_key.clone(),
             created: l.get(LABEL_CREATED).and_then(|v| v.parse().ok()).unwrap_or(0),
+            disk: l.get(disk::LABEL_DISK).filter(|s| !s.is_empty()).map(Into::into),
         })
     }
 
     fn labels(&self) -> HashMap<String, String> {
-        HashMap::from([
+        let mut l = HashMap::from([
             (LABEL_DISTRO.into(), self.name.clone()),
             (LABEL_OS.into(), self.os.clone()),
             (LABEL_INIT.into(), self.init.clone().unwrap_or_default()),
             (LABEL_SYSTEMD.into(), self.systemd.to_string()),
             (LABEL_SOURCE.into(), self.source.clone()),
             (LABEL_CREATED.into(), self.created.to_string()),
-        ])
+        ]);
+        if let Some(disk) = &self.disk {
+            l.insert(disk::LABEL_DISK.into(), disk.display().to_string());
+        }
+        l
     }
 
     /// The signal that stops its init cleanly.
@@ -205,6 +215,7 @@ mod tests {
             image: "img".into(),
             snapshot_key: "key".into(),
             created: 17,
+            disk: None,
         };
         let c = Container {
             id: "deb".into(),
@@ -217,5 +228,9 @@ mod tests {
         assert_eq!(format!("{back:?}"), format!("{d:?}"));
         assert_eq!(back.stop_signal(), libc::SIGRTMIN() + 3);
         assert!(Distro::from_container(&Container::default()).is_none(), "a container without the label is no distro");
+        // A disk-backed one keeps its image.
+        let on_disk = Distro { disk: Some("/var/lib/hearth/disks/deb.img".into()), ..d };
+        let c = Container { id: "deb".into(), labels: on_disk.labels(), ..Default::default() };
+        assert_eq!(Distro::from_container(&c).unwrap().disk, on_disk.disk);
     }
 }
