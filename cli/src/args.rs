@@ -147,6 +147,13 @@ pub enum DistroCommand {
         /// Make it the default distro
         #[arg(long)]
         set_default: bool,
+        /// Keep its files on an ext4 disk image of its own (in disk_images_dir), as WSL does,
+        /// rather than on a containerd snapshot shared over virtio-fs
+        #[arg(long)]
+        disk: bool,
+        /// With --disk: the image's largest size in GiB (it is sparse: it takes what the files use)
+        #[arg(long, value_name = "GIB", default_value_t = crate::distro::disk::DEFAULT_SIZE_GIB, requires = "disk")]
+        disk_size: u64,
     },
     /// Build (or find in the cache) a recipe's root filesystem without registering it
     Build {
@@ -162,8 +169,14 @@ pub enum DistroCommand {
         name: String,
         file: PathBuf,
         /// FILE is an ext4 disk image: the distro runs on (a copy of) it
-        #[arg(long)]
+        #[arg(long, conflicts_with = "disk")]
         vhd: bool,
+        /// Unpack the tar onto an ext4 disk image of the distro's own (in disk_images_dir)
+        #[arg(long)]
+        disk: bool,
+        /// With --disk: the image's largest size in GiB (sparse)
+        #[arg(long, value_name = "GIB", default_value_t = crate::distro::disk::DEFAULT_SIZE_GIB, requires = "disk")]
+        disk_size: u64,
     },
     /// Write distro NAME's files to a root filesystem tar (gzipped if FILE ends in .gz);
     /// with --vhd, a copy of a disk-backed distro's ext4 image

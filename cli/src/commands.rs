@@ -107,18 +107,29 @@ async fn run(h: &Hearth, args: RunArgs) -> Result<i32> {
 
 async fn distro(h: &Hearth, cmd: DistroCommand) -> Result<i32> {
     match cmd {
-        DistroCommand::Install { recipe, release, name, include, set_default } => {
+        DistroCommand::Install { recipe, release, name, include, set_default, disk, disk_size } => {
             check_recipe(&recipe)?;
             let name = name.unwrap_or_else(|| recipe.clone());
-            let d = h.install_debian(&DebianInstall { name: &name, release: &release, include: &include }).await?;
+            let opts = DebianInstall { name: &name, release: &release, include: &include };
+            let d =
+                if disk { h.install_debian_on_disk(&opts, disk_size).await? } else { h.install_debian(&opts).await? };
             if set_default || h.cfg.default_distro.is_none() && h.distros().await?.len() == 1 {
                 h.cfg.set_default(&d.name)?;
             }
             println!("{} installed ({}): `hearth -d {}` opens a shell in it", d.name, d.os, d.name);
         }
         DistroCommand::Build { .. } => unreachable!("handled without containerd"),
-        DistroCommand::Import { name, file, vhd } => {
-            let d = if vhd { h.import_vhd(&name, &file).await? } else { h.import(&name, &file).await? };
+        DistroCommand::Import { name, file, vhd, disk, disk_size } => {
+            let d = if vhd {
+                h.import_vhd(&name, &file).await?
+            } else if disk {
+                if !file.is_file() {
+                    anyhow::bail!("{} is not a file: name a root filesystem tar", file.display());
+                }
+                h.register_tar_on_disk(&name, &file, disk_size, format!("import {} on a disk", file.display())).await?
+            } else {
+                h.import(&name, &file).await?
+            };
             println!("{} imported ({})", d.name, if d.os.is_empty() { "unknown OS" } else { &d.os });
         }
         DistroCommand::Export { name, file, vhd } => {

@@ -374,6 +374,45 @@ fn distros_on_disk_images() {
     assert_eq!(h.sh("tiny", "cat /hello.txt"), "from the image\n");
 }
 
+/// Debian installed on a disk image of its own (`install --disk`): systemd
+/// boots from it, and Docker inside keeps its images and containers on
+/// overlay2 (which virtio-fs cannot carry: on a snapshot-backed distro
+/// Docker falls back to vfs).
+#[test]
+fn a_debian_distro_on_its_own_disk_runs_docker_on_overlay2() {
+    let env = Env::get();
+    let scratch = Scratch::new("distro-disk-docker");
+    let c = Containerd::start(&env, &scratch, 30);
+    let h = Hearth::new(&env, &scratch, &c, 1024);
+    let include = DISTRO_INCLUDE.join(",");
+    let out = h.ok(&["distro", "install", "debian", "--include", &include, "--disk", "--disk-size", "16"]);
+    assert!(out.contains("debian installed (Debian GNU/Linux 12 (bookworm))"), "{out}");
+    let image = scratch.path("disks").join("debian.img");
+    assert!(image.is_file(), "the distro's image is in disk_images_dir");
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&image).unwrap();
+    assert_eq!(meta.len(), 16 << 30, "the image's size is --disk-size");
+    assert!(meta.blocks() * 512 < 2 << 30, "the image is sparse: {} bytes allocated", meta.blocks() * 512);
+
+    wait_for_systemd(&h, "debian");
+    let root = h.sh("debian", "findmnt -no SOURCE,FSTYPE /");
+    assert!(root.starts_with("/dev/vd") && root.trim_end().ends_with("ext4"), "{root}");
+    let rootfs = scratch.path("busybox-rootfs");
+    hearth_e2e::agent::busybox_rootfs(&rootfs, &env.guest_tool).unwrap();
+    hearth_e2e::host(
+        std::process::Command::new("tar").arg("-C").arg(&rootfs).arg("-cf").arg(h.share.join("busybox.tar")).arg("."),
+    );
+    let docker = h.sh(
+        "debian",
+        "systemctl is-active docker && docker info -f '{{.Driver}}' && \
+         docker import /mnt/host/busybox.tar hearth/busybox >/dev/null && \
+         docker run --rm hearth/busybox sh -c 'echo hello from docker on $(grep \" / \" /proc/mounts | cut -d\" \" -f3)'",
+    );
+    assert_eq!(docker, "active\noverlay2\nhello from docker on overlay\n", "{docker}");
+    h.ok(&["distro", "unregister", "debian"]);
+    assert!(!image.exists(), "unregister removes the image");
+}
+
 fn allocated(path: &std::path::Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).unwrap().blocks() * 512

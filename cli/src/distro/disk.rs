@@ -62,6 +62,56 @@ fn check_image(file: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The default largest size of a distro's disk: the image is sparse, so it
+/// takes only what the distro's files use and grows up to this.
+pub const DEFAULT_SIZE_GIB: u64 = 256;
+
+/// Makes `image`, a sparse ext4 image of `size_gib` GiB, holding the root
+/// filesystem tar `tar` (plain or gzipped): unpacked next to it with owners,
+/// modes, xattrs and ACLs (as root), then written by `mke2fs -d`.
+fn image_from_tar(tar: &Path, image: &Path, size_gib: u64) -> Result<()> {
+    let tree = image.with_extension("tree");
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::create_dir_all(&tree).with_context(|| format!("creating {}", tree.display()))?;
+    struct Cleanup<'a>(&'a Path);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(self.0);
+        }
+    }
+    let _cleanup = Cleanup(&tree);
+    let progress = Progress::new(&format!("unpacking {}", tar.display()));
+    let out = Command::new("tar")
+        .args(["--extract", "--same-owner", "--numeric-owner", "--same-permissions", "--xattrs", "--xattrs-include=*"])
+        .args(["--acls", "--file"])
+        .arg(tar)
+        .arg("--directory")
+        .arg(&tree)
+        .output()
+        .context("running tar")?;
+    if !out.status.success() {
+        bail!("unpacking {} failed: {}", tar.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    progress.finish("done");
+    let progress =
+        Progress::new(&format!("writing the ext4 image {} ({size_gib} GiB at most, sparse)", image.display()));
+    let partial = image.with_extension("partial");
+    let out = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-E", "discard", "-d"])
+        .arg(&tree)
+        .arg(&partial)
+        .arg(format!("{size_gib}G"))
+        .output()
+        .context("running mke2fs (package e2fsprogs)")?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&partial);
+        bail!("mke2fs could not make {}: {}", image.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    std::fs::rename(&partial, image).with_context(|| format!("writing {}", image.display()))?;
+    progress.finish("done");
+    Ok(())
+}
+
 /// Copies an image, keeping it sparse.
 fn copy_sparse(from: &Path, to: &Path, what: &str) -> Result<()> {
     let progress = Progress::new(what);
@@ -93,6 +143,29 @@ impl Hearth {
             bail!("{} is not a file: name an ext4 disk image (as `hearth distro export --vhd` writes)", file.display());
         }
         check_image(file)?;
+        let image = self.new_image_path(name)?;
+        copy_sparse(file, &image, &format!("copying {} to {}", file.display(), image.display()))?;
+        self.register_disk(name, &image, format!("import --vhd {}", file.display())).await
+    }
+
+    /// Registers distro `name` on a new sparse ext4 image of `size_gib` GiB
+    /// made of the root filesystem tar `tar` (what `install` builds or
+    /// `import` is given).
+    pub async fn register_tar_on_disk(&self, name: &str, tar: &Path, size_gib: u64, source: String) -> Result<Distro> {
+        check_name(name)?;
+        if self.cd.container(name).await?.is_some() {
+            bail!("a distro named {name:?} exists already: pick another name");
+        }
+        if size_gib == 0 {
+            bail!("a disk of 0 GiB holds nothing: give --disk-size in GiB, at least 1");
+        }
+        let image = self.new_image_path(name)?;
+        tokio::task::block_in_place(|| image_from_tar(tar, &image, size_gib))?;
+        self.register_disk(name, &image, source).await
+    }
+
+    /// `<disk_images_dir>/NAME.img`, which must not exist yet.
+    fn new_image_path(&self, name: &str) -> Result<PathBuf> {
         let dir = self.disk_images_dir()?;
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -100,26 +173,28 @@ impl Hearth {
             .with_context(|| format!("creating the disk images directory {}", dir.display()))?;
         let image = dir.join(format!("{name}.img"));
         if image.exists() {
-            bail!(
-                "{} exists already (a distro's disk image): remove it, or import under another name",
-                image.display()
-            );
+            bail!("{} exists already (a distro's disk image): remove it, or use another name", image.display());
         }
-        copy_sparse(file, &image, &format!("copying {} to {}", file.display(), image.display()))?;
-        let (os, init, systemd) = inspect(&image);
+        Ok(image)
+    }
+
+    /// Registers distro `name` on `image` (in disk_images_dir): its
+    /// container, with no snapshot; the image is removed if that fails.
+    async fn register_disk(&self, name: &str, image: &Path, source: String) -> Result<Distro> {
+        let (os, init, systemd) = inspect(image);
         if init.is_none() {
-            tracing::warn!("{} has no /sbin/init: distro {name} will run a waiting shell as its init", file.display());
+            tracing::warn!("{} has no /sbin/init: distro {name} will run a waiting shell as its init", image.display());
         }
         let d = Distro {
             name: name.into(),
             os,
             init,
             systemd,
-            source: format!("import --vhd {}", file.display()),
+            source,
             image: String::new(),
             snapshot_key: String::new(),
             created: SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs(),
-            disk: Some(image.clone()),
+            disk: Some(image.to_path_buf()),
         };
         let c = Container {
             id: name.into(),
@@ -129,7 +204,7 @@ impl Hearth {
             ..Default::default()
         };
         if let Err(e) = self.cd.create_container(c).await {
-            let _ = std::fs::remove_file(&image);
+            let _ = std::fs::remove_file(image);
             return Err(e);
         }
         Ok(d)

@@ -65,6 +65,26 @@ impl Hearth {
         self.bring_in(opts.name, &image, &built.layer(), &built.info, &source).await
     }
 
+    /// Builds (or finds in the cache) the Debian tree and installs it on a
+    /// disk image of its own (see disk.rs).
+    pub async fn install_debian_on_disk(&self, opts: &DebianInstall<'_>, size_gib: u64) -> Result<Distro> {
+        check_name(opts.name)?;
+        if self.cd.container(opts.name).await?.is_some() {
+            anyhow::bail!(
+                "a distro named {:?} is installed already: `hearth -d {0}` runs it; pick another with --name, or \
+                 `hearth distro unregister {0}` first",
+                opts.name
+            );
+        }
+        let recipe = distro_recipe(opts.release, opts.include, &self.cfg.mirror);
+        let built = tokio::task::block_in_place(|| rootfs::ensure_built(&recipe, &self.cfg.cache_dir))?;
+        let mut source = format!("debian {} on a disk", opts.release);
+        if !opts.include.is_empty() {
+            source.push_str(&format!(" +{}", opts.include.join(",")));
+        }
+        self.register_tar_on_disk(opts.name, &built.tar, size_gib, source).await
+    }
+
     /// Imports a root filesystem tar (plain or gzipped) as distro `name`.
     pub async fn import(&self, name: &str, file: &Path) -> Result<Distro> {
         check_name(name)?;
