@@ -147,3 +147,23 @@ pub fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// systemd's verdict once its boot is over: `running`, or `degraded` with
+/// the failed units (none is expected: the suite fails on any, naming it).
+pub fn wait_for_systemd(h: &Hearth, name: &str) {
+    // Its manager's socket first (before it, systemctl cannot ask), then
+    // the end of the boot.
+    let wait = "for i in $(seq 600); do [ -S /run/systemd/private ] && break; sleep 2; done; \
+                systemctl is-system-running --wait";
+    let o = h.run_with(&["-d", name, "--", "sh", "-c", wait], b"", Duration::from_secs(1500));
+    let state = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    if state != "running" {
+        let failed = h.run(&["-d", name, "--", "systemctl", "--failed", "--no-pager", "--no-legend"]);
+        panic!(
+            "systemd in {name} is {state:?}, not running; failed units:\n{}\n{}\n{}",
+            String::from_utf8_lossy(&failed.stdout),
+            text(&o),
+            h.diagnostics()
+        );
+    }
+}

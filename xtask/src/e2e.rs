@@ -13,7 +13,7 @@ use crate::place;
 use crate::sh::cmd;
 use crate::{paths, testhost};
 
-pub const SUITES: &[&str] = &["boot", "devices", "agent-native", "agent", "containerd", "escape", "distro"];
+pub const SUITES: &[&str] = &["boot", "devices", "agent-native", "agent", "containerd", "escape", "distro", "disks"];
 
 /// Suites that need no VM: they run on this machine directly, as root.
 const NATIVE: &[&str] = &["agent-native"];
@@ -102,8 +102,9 @@ exit $failed
 /// Memory (MiB) and hang guard (s) of a suite's test host.
 fn limits(suite: &str) -> (u64, u64) {
     // The distro suite keeps two distros (root filesystems, image layers and
-    // an export in the test host's memory) and a VM of 1 GiB.
-    if suite == "distro" {
+    // an export in the test host's memory) and a VM of 1 GiB; the disks
+    // suite unpacks Debian and keeps its disk image there.
+    if suite == "distro" || suite == "disks" {
         (6144, 2700)
     } else {
         (2048, 1800)

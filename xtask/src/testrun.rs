@@ -29,6 +29,7 @@ pub const BUDGET_SECS: f64 = 3600.0;
 /// lanes take the longest first, so that the long suites do not start last.
 const EXPECTED_SECS: &[(&str, u64)] = &[
     ("distro", 560),
+    ("disks", 420),
     ("fuzz", 290),
     ("containerd", 170),
     ("escape", 160),
