@@ -80,12 +80,18 @@ fn distros_on_disk_images() {
     std::fs::write(&garbage, vec![0x5au8; 4 << 20]).unwrap();
     fails(&["distro", "import", "--vhd", "bad", &garbage.display().to_string()], "damaged or not an ext4");
     fails(&["distro", "import", "--vhd", "tiny", &out.display().to_string()], "exists already");
-    fails(&["distro", "export", "tiny", &scratch.path("t.tar").display().to_string()], "--vhd");
     fails(
         &["distro", "export", "--vhd", "tiny2", &scratch.path("t.img").display().to_string()],
         "hearth terminate tiny2",
     );
     assert!(!disks.join("bad.img").exists(), "a refused import leaves no image behind");
+
+    // A tar export of a disk-backed distro, imported as a snapshot-backed one.
+    h.ok(&["terminate", "tiny2"]);
+    let tar = scratch.path("tiny2.tar");
+    h.ok(&["distro", "export", "tiny2", &tar.display().to_string()]);
+    h.ok(&["distro", "import", "tiny3", &tar.display().to_string()]);
+    assert_eq!(h.sh("tiny3", "cat /kept.txt /hello.txt"), "two\nfrom the image\n");
 
     h.ok(&["distro", "unregister", "tiny2"]);
     assert!(!disks.join("tiny2.img").exists(), "unregister removes the distro's image");

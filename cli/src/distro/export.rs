@@ -26,15 +26,6 @@ impl Hearth {
     /// Writes distro `d`'s files to `file` (gzip-compressed if it ends in
     /// `.gz` or `.tgz`); its size.
     pub async fn export(&self, d: &Distro, file: &Path) -> Result<u64> {
-        if let Some(disk) = &d.disk {
-            bail!(
-                "distro {} is on the disk image {}: export it with `hearth distro export --vhd {} FILE.img` \
-                 (a tar of a disk-backed distro is not written yet)",
-                d.name,
-                disk.display(),
-                d.name
-            );
-        }
         if let s @ (State::Running { .. } | State::Starting) = self.state(&d.name).await? {
             bail!(
                 "distro {} is {}: its files would change while they are read. Stop it first with `hearth terminate {}`",
@@ -44,12 +35,34 @@ impl Hearth {
             );
         }
         // A stopped task still has the root filesystem mounted (by the shim,
-        // on the host): its deletion lets it go before the export mounts it.
+        // on the host) or its disk attached: its deletion lets it go before
+        // the export mounts it.
         self.cd.delete_task(&d.name).await?;
-        let mounts = self.cd.snapshot_mounts(&self.cfg.snapshotter, &d.snapshot_key).await?;
         let dir = std::env::temp_dir().join(format!("hearth-export-{}-{}", d.name, std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        mount_all(&mounts, &dir, true)?;
+        match &d.disk {
+            // Read-only through a loop device, the journal left alone.
+            Some(image) => {
+                let out = Command::new("mount")
+                    .args(["-t", "ext4", "-o", "loop,ro,noload"])
+                    .arg(image)
+                    .arg(&dir)
+                    .output()
+                    .context("running mount")?;
+                if !out.status.success() {
+                    let _ = std::fs::remove_dir(&dir);
+                    bail!(
+                        "mounting the disk image {} read-only: {} (the loop driver is needed: `modprobe loop`)",
+                        image.display(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                }
+            }
+            None => {
+                let mounts = self.cd.snapshot_mounts(&self.cfg.snapshotter, &d.snapshot_key).await?;
+                mount_all(&mounts, &dir, true)?;
+            }
+        }
         let mounted = Mounted(dir);
         let partial = file.with_extension("partial");
         let name = file.to_string_lossy();
