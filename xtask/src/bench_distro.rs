@@ -9,7 +9,9 @@
 //!   reference;
 //! - untar of a tree of many small files (the distro's /usr/share/doc)
 //!   onto the distro's root filesystem, timed inside the distro, against
-//!   the same untar on the host.
+//!   the same untar on the host: for the distro on a containerd snapshot
+//!   (shared over virtio-fs) and for the same tree installed on a disk
+//!   image of its own (`install --disk`: ext4 on virtio-blk).
 //!
 //! Medians of RUNS runs; the last lines are the ratios.
 
@@ -40,13 +42,13 @@ fn timed(h: &Hearth, args: &[&str]) -> Result<f64> {
 
 /// Seconds the untar took inside the distro, as the distro measured them
 /// (hearth's own exec is not in the figure).
-fn untar_in_distro(h: &Hearth, run: usize) -> Result<f64> {
+fn untar_in_distro(h: &Hearth, distro: &str, run: usize) -> Result<f64> {
     let script = format!(
         "rm -rf /root/untar-{run}; mkdir /root/untar-{run}; s=$(date +%s%N); \
          tar -xf /root/tree.tar -C /root/untar-{run}; sync; e=$(date +%s%N); \
          echo $(( (e - s) / 1000000 )); rm -rf /root/untar-{run}"
     );
-    let out = h.sh("debian", &script);
+    let out = h.sh(distro, &script);
     let ms: f64 = out.trim().parse().with_context(|| format!("the distro's timing: {out:?}"))?;
     Ok(ms / 1000.0)
 }
@@ -114,22 +116,47 @@ pub fn run() -> Result<()> {
     let tree_mib = std::fs::metadata(&tree)?.len() >> 20;
     let (mut inside, mut host) = (Vec::new(), Vec::new());
     for i in 0..UNTAR_RUNS {
-        inside.push(untar_in_distro(&h, i)?);
+        inside.push(untar_in_distro(&h, "debian", i)?);
+        host.push(untar_on_host(&tree, &scratch.path("untar-host"))?);
+    }
+    h.ok(&["shutdown"]);
+    // The same tree on a disk of its own: ext4 in the guest on virtio-blk.
+    h.ok(&[
+        "distro",
+        "install",
+        "debian",
+        "--name",
+        "ondisk",
+        "--include",
+        &DISTRO_INCLUDE.join(","),
+        "--disk",
+        "--disk-size",
+        "16",
+    ])
+    .contains("installed")
+    .then_some(())
+    .context("install --disk")?;
+    h.sh("ondisk", "cp /mnt/host/tree.tar /root/tree.tar");
+    let mut on_disk = Vec::new();
+    for i in 0..UNTAR_RUNS {
+        on_disk.push(untar_in_distro(&h, "ondisk", i)?);
         host.push(untar_on_host(&tree, &scratch.path("untar-host"))?);
     }
     h.ok(&["shutdown"]);
 
     let runs = runc.len();
     let (cold, warm, runc) = (median_f64(cold), median_f64(warm), median_f64(runc));
-    let (inside, host) = (median_f64(inside), median_f64(host));
+    let (inside, on_disk, host) = (median_f64(inside), median_f64(on_disk), median_f64(host));
     println!("hearth -d debian -- true (systemd, Docker inside), against ctr run --rm with runc of the same image:");
     println!("  cold, VM down (boot + init + exec), median of {COLD_RUNS}: hearth {cold:.0} ms");
     println!("  warm, distro running (exec), median of {WARM_RUNS}:       hearth {warm:.0} ms");
     println!("  ctr run --rm runc (container start + true), median of {runs}: {runc:.0} ms");
     println!("untar of the distro's /usr/share/doc ({files} entries, {tree_mib} MiB), median of {UNTAR_RUNS}:");
-    println!("  inside the distro (its root filesystem) {inside:.2} s | on the host {host:.2} s");
+    println!("  inside the distro, root on virtio-fs {inside:.2} s | root on its own disk {on_disk:.2} s | on the host {host:.2} s");
     println!("ratio hearth cold/runc run {:.2}", cold / runc);
     println!("ratio hearth warm/runc run {:.2}", warm / runc);
     println!("ratio untar distro/host {:.2}", inside / host);
+    println!("ratio untar disk distro/host {:.2}", on_disk / host);
+    println!("ratio untar disk distro/virtio-fs distro {:.2}", on_disk / inside);
     Ok(())
 }
