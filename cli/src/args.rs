@@ -147,13 +147,17 @@ pub enum DistroCommand {
         /// Make it the default distro
         #[arg(long)]
         set_default: bool,
-        /// Keep its files on an ext4 disk image of its own (in disk_images_dir), as WSL does,
-        /// rather than on a containerd snapshot shared over virtio-fs
-        #[arg(long)]
+        /// Keep its files on an ext4 disk image of its own (in disk_images_dir), as WSL does
+        /// (the default, unless distro_disk = false)
+        #[arg(long, conflicts_with = "snapshot")]
         disk: bool,
-        /// With --disk: the image's largest size in GiB (it is sparse: it takes what the files use)
-        #[arg(long, value_name = "GIB", default_value_t = crate::distro::disk::DEFAULT_SIZE_GIB, requires = "disk")]
-        disk_size: u64,
+        /// Keep its files on a containerd snapshot shared over virtio-fs instead
+        #[arg(long)]
+        snapshot: bool,
+        /// The disk image's largest size in GiB (it is sparse: it takes what the files use);
+        /// distro_disk_size_gib by default (256)
+        #[arg(long, value_name = "GIB", conflicts_with = "snapshot")]
+        disk_size: Option<u64>,
     },
     /// Build (or find in the cache) a recipe's root filesystem without registering it
     Build {
@@ -169,14 +173,18 @@ pub enum DistroCommand {
         name: String,
         file: PathBuf,
         /// FILE is an ext4 disk image: the distro runs on (a copy of) it
-        #[arg(long, conflicts_with = "disk")]
+        #[arg(long, conflicts_with_all = ["disk", "snapshot", "disk_size"])]
         vhd: bool,
-        /// Unpack the tar onto an ext4 disk image of the distro's own (in disk_images_dir)
-        #[arg(long)]
+        /// Unpack the tar onto an ext4 disk image of the distro's own (in disk_images_dir):
+        /// the default, unless distro_disk = false
+        #[arg(long, conflicts_with = "snapshot")]
         disk: bool,
-        /// With --disk: the image's largest size in GiB (sparse)
-        #[arg(long, value_name = "GIB", default_value_t = crate::distro::disk::DEFAULT_SIZE_GIB, requires = "disk")]
-        disk_size: u64,
+        /// Unpack it onto a containerd snapshot shared over virtio-fs instead
+        #[arg(long)]
+        snapshot: bool,
+        /// The disk image's largest size in GiB (sparse); distro_disk_size_gib by default (256)
+        #[arg(long, value_name = "GIB", conflicts_with = "snapshot")]
+        disk_size: Option<u64>,
     },
     /// Write distro NAME's files to a root filesystem tar (gzipped if FILE ends in .gz);
     /// with --vhd, a copy of a disk-backed distro's ext4 image

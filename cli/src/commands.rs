@@ -107,26 +107,27 @@ async fn run(h: &Hearth, args: RunArgs) -> Result<i32> {
 
 async fn distro(h: &Hearth, cmd: DistroCommand) -> Result<i32> {
     match cmd {
-        DistroCommand::Install { recipe, release, name, include, set_default, disk, disk_size } => {
+        DistroCommand::Install { recipe, release, name, include, set_default, disk, snapshot, disk_size } => {
             check_recipe(&recipe)?;
             let name = name.unwrap_or_else(|| recipe.clone());
             let opts = DebianInstall { name: &name, release: &release, include: &include };
-            let d =
-                if disk { h.install_debian_on_disk(&opts, disk_size).await? } else { h.install_debian(&opts).await? };
+            let size = disk_size.unwrap_or(h.cfg.distro_disk_size_gib);
+            let d = if on_disk(h, disk, snapshot) {
+                h.install_debian_on_disk(&opts, size).await?
+            } else {
+                h.install_debian(&opts).await?
+            };
             if set_default || h.cfg.default_distro.is_none() && h.distros().await?.len() == 1 {
                 h.cfg.set_default(&d.name)?;
             }
             println!("{} installed ({}): `hearth -d {}` opens a shell in it", d.name, d.os, d.name);
         }
         DistroCommand::Build { .. } => unreachable!("handled without containerd"),
-        DistroCommand::Import { name, file, vhd, disk, disk_size } => {
+        DistroCommand::Import { name, file, vhd, disk, snapshot, disk_size } => {
             let d = if vhd {
                 h.import_vhd(&name, &file).await?
-            } else if disk {
-                if !file.is_file() {
-                    anyhow::bail!("{} is not a file: name a root filesystem tar", file.display());
-                }
-                h.register_tar_on_disk(&name, &file, disk_size, format!("import {} on a disk", file.display())).await?
+            } else if on_disk(h, disk, snapshot) {
+                h.import_on_disk(&name, &file, disk_size.unwrap_or(h.cfg.distro_disk_size_gib)).await?
             } else {
                 h.import(&name, &file).await?
             };
@@ -183,4 +184,10 @@ async fn list(h: &Hearth, verbose: bool) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// Whether a new distro goes on a disk image of its own: the command's
+/// `--disk` or `--snapshot`, else the `distro_disk` setting.
+fn on_disk(h: &Hearth, disk: bool, snapshot: bool) -> bool {
+    disk || !snapshot && h.cfg.distro_disk
 }

@@ -62,6 +62,14 @@ pub struct Settings {
     /// `SYSTEMD_LOG_LEVEL=debug` to see systemd's boot in the console log).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub init_env: Option<Vec<String>>,
+    /// Whether `install` and `import` put a new distro on an ext4 disk image
+    /// of its own (true, the default) or on a containerd snapshot shared
+    /// over virtio-fs (false); `--disk` and `--snapshot` choose per command.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distro_disk: Option<bool>,
+    /// The largest size in GiB of a new distro's disk image (sparse).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distro_disk_size_gib: Option<u64>,
 }
 
 /// The settings in force, defaults filled in.
@@ -80,6 +88,8 @@ pub struct Config {
     pub stop_timeout_secs: u64,
     pub snapshotter: String,
     pub init_env: Vec<String>,
+    pub distro_disk: bool,
+    pub distro_disk_size_gib: u64,
     /// The per-user file, which `set-default` writes.
     pub user_file: PathBuf,
 }
@@ -106,6 +116,8 @@ impl Settings {
             stop_timeout_secs: over.stop_timeout_secs.or(self.stop_timeout_secs),
             snapshotter: over.snapshotter.or(self.snapshotter),
             init_env: over.init_env.or(self.init_env),
+            distro_disk: over.distro_disk.or(self.distro_disk),
+            distro_disk_size_gib: over.distro_disk_size_gib.or(self.distro_disk_size_gib),
         }
     }
 }
@@ -168,6 +180,8 @@ impl Config {
             stop_timeout_secs: s.stop_timeout_secs.unwrap_or(30),
             snapshotter: s.snapshotter.unwrap_or_else(|| "overlayfs".into()),
             init_env: s.init_env.unwrap_or_default(),
+            distro_disk: s.distro_disk.unwrap_or(true),
+            distro_disk_size_gib: s.distro_disk_size_gib.unwrap_or(crate::distro::disk::DEFAULT_SIZE_GIB),
             user_file,
         }
     }

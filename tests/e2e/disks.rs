@@ -90,7 +90,7 @@ fn distros_on_disk_images() {
     h.ok(&["terminate", "tiny2"]);
     let tar = scratch.path("tiny2.tar");
     h.ok(&["distro", "export", "tiny2", &tar.display().to_string()]);
-    h.ok(&["distro", "import", "tiny3", &tar.display().to_string()]);
+    h.ok(&["distro", "import", "--snapshot", "tiny3", &tar.display().to_string()]);
     assert_eq!(h.sh("tiny3", "cat /kept.txt /hello.txt"), "two\nfrom the image\n");
 
     h.ok(&["distro", "unregister", "tiny2"]);

@@ -73,7 +73,8 @@ pub fn run() -> Result<()> {
     let scratch = hearth_e2e::Scratch::new("bench-distro");
     let c = Containerd::start(&env, &scratch, 30);
     let h = Hearth::new(&env, &scratch, &c, 1024);
-    h.ok(&["distro", "install", "debian", "--include", &DISTRO_INCLUDE.join(",")])
+    // On a containerd snapshot, so that runc can run the same image.
+    h.ok(&["distro", "install", "debian", "--include", &DISTRO_INCLUDE.join(","), "--snapshot"])
         .contains("installed")
         .then_some(())
         .context("install")?;

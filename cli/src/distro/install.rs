@@ -85,6 +85,25 @@ impl Hearth {
         self.register_tar_on_disk(opts.name, &built.tar, size_gib, source).await
     }
 
+    /// Imports a root filesystem tar (plain or gzipped) as distro `name`, on
+    /// a disk image of its own of at most `size_gib` GiB.
+    pub async fn import_on_disk(&self, name: &str, file: &Path, size_gib: u64) -> Result<Distro> {
+        check_name(name)?;
+        if self.cd.container(name).await?.is_some() {
+            anyhow::bail!("a distro named {name:?} exists already: import under another name");
+        }
+        if !file.is_file() {
+            anyhow::bail!(
+                "{} is not a file: name a root filesystem tar (as `hearth distro export` makes)",
+                file.display()
+            );
+        }
+        // Read through first: a file that is no root filesystem tar is
+        // refused before anything is written.
+        tokio::task::block_in_place(|| rootfs::inspect(file, &format!("reading {}", file.display())))?;
+        self.register_tar_on_disk(name, file, size_gib, format!("import {}", file.display())).await
+    }
+
     /// Imports a root filesystem tar (plain or gzipped) as distro `name`.
     pub async fn import(&self, name: &str, file: &Path) -> Result<Distro> {
         check_name(name)?;
