@@ -150,12 +150,14 @@ impl Hearth {
 
     /// Registers distro `name` on a new sparse ext4 image of `size_gib` GiB
     /// made of the root filesystem tar `tar` (what `install` builds or
-    /// `import` is given).
-    pub async fn register_tar_on_disk(&self, name: &str, tar: &Path, size_gib: u64, source: String) -> Result<Distro> {
-        check_name(name)?;
-        if self.cd.container(name).await?.is_some() {
-            bail!("a distro named {name:?} exists already: pick another name");
-        }
+    /// `import` is given). The callers have checked the name.
+    pub(super) async fn register_tar_on_disk(
+        &self,
+        name: &str,
+        tar: &Path,
+        size_gib: u64,
+        source: String,
+    ) -> Result<Distro> {
         if size_gib == 0 {
             bail!("a disk of 0 GiB holds nothing: give --disk-size in GiB, at least 1");
         }

@@ -44,50 +44,49 @@ impl Hearth {
         result
     }
 
-    /// Builds (or finds in the cache) the Debian tree and installs it.
-    pub async fn install_debian(&self, opts: &DebianInstall<'_>) -> Result<Distro> {
-        check_name(opts.name)?;
-        if self.cd.container(opts.name).await?.is_some() {
+    /// Refuses a name in use before anything is built.
+    async fn check_free_to_install(&self, name: &str) -> Result<()> {
+        check_name(name)?;
+        if self.cd.container(name).await?.is_some() {
             anyhow::bail!(
-                "a distro named {:?} is installed already: `hearth -d {0}` runs it; pick another with --name, or \
-                 `hearth distro unregister {0}` first",
-                opts.name
+                "a distro named {name:?} is installed already: `hearth -d {name}` runs it; pick another with --name, or \
+                 `hearth distro unregister {name}` first"
             );
         }
+        Ok(())
+    }
+
+    /// The recipe's tree (built, or found in the cache) and the distro's
+    /// `source` label (`debian RELEASE{layout} +INCLUDES`).
+    fn debian_tree(&self, opts: &DebianInstall<'_>, layout: &str) -> Result<(rootfs::Built, String)> {
         let recipe = distro_recipe(opts.release, opts.include, &self.cfg.mirror);
         let built = tokio::task::block_in_place(|| rootfs::ensure_built(&recipe, &self.cfg.cache_dir))?;
-        let tag = format!("{}-{}", opts.release, &built.digest.trim_start_matches("sha256:")[..12]);
-        let image = format!("hearth.local/distro/debian:{tag}");
-        let mut source = format!("debian {}", opts.release);
+        let mut source = format!("debian {}{layout}", opts.release);
         if !opts.include.is_empty() {
             source.push_str(&format!(" +{}", opts.include.join(",")));
         }
+        Ok((built, source))
+    }
+
+    /// Builds (or finds in the cache) the Debian tree and installs it.
+    pub async fn install_debian(&self, opts: &DebianInstall<'_>) -> Result<Distro> {
+        self.check_free_to_install(opts.name).await?;
+        let (built, source) = self.debian_tree(opts, "")?;
+        let tag = format!("{}-{}", opts.release, &built.digest.trim_start_matches("sha256:")[..12]);
+        let image = format!("hearth.local/distro/debian:{tag}");
         self.bring_in(opts.name, &image, &built.layer(), &built.info, &source).await
     }
 
     /// Builds (or finds in the cache) the Debian tree and installs it on a
     /// disk image of its own (see disk.rs).
     pub async fn install_debian_on_disk(&self, opts: &DebianInstall<'_>, size_gib: u64) -> Result<Distro> {
-        check_name(opts.name)?;
-        if self.cd.container(opts.name).await?.is_some() {
-            anyhow::bail!(
-                "a distro named {:?} is installed already: `hearth -d {0}` runs it; pick another with --name, or \
-                 `hearth distro unregister {0}` first",
-                opts.name
-            );
-        }
-        let recipe = distro_recipe(opts.release, opts.include, &self.cfg.mirror);
-        let built = tokio::task::block_in_place(|| rootfs::ensure_built(&recipe, &self.cfg.cache_dir))?;
-        let mut source = format!("debian {} on a disk", opts.release);
-        if !opts.include.is_empty() {
-            source.push_str(&format!(" +{}", opts.include.join(",")));
-        }
+        self.check_free_to_install(opts.name).await?;
+        let (built, source) = self.debian_tree(opts, " on a disk")?;
         self.register_tar_on_disk(opts.name, &built.tar, size_gib, source).await
     }
 
-    /// Imports a root filesystem tar (plain or gzipped) as distro `name`, on
-    /// a disk image of its own of at most `size_gib` GiB.
-    pub async fn import_on_disk(&self, name: &str, file: &Path, size_gib: u64) -> Result<Distro> {
+    /// Refuses an import under a name in use, or of something that is no file.
+    async fn check_import(&self, name: &str, file: &Path) -> Result<()> {
         check_name(name)?;
         if self.cd.container(name).await?.is_some() {
             anyhow::bail!("a distro named {name:?} exists already: import under another name");
@@ -98,6 +97,13 @@ impl Hearth {
                 file.display()
             );
         }
+        Ok(())
+    }
+
+    /// Imports a root filesystem tar (plain or gzipped) as distro `name`, on
+    /// a disk image of its own of at most `size_gib` GiB.
+    pub async fn import_on_disk(&self, name: &str, file: &Path, size_gib: u64) -> Result<Distro> {
+        self.check_import(name, file).await?;
         // Read through first: a file that is no root filesystem tar is
         // refused before anything is written.
         tokio::task::block_in_place(|| rootfs::inspect(file, &format!("reading {}", file.display())))?;
@@ -106,16 +112,7 @@ impl Hearth {
 
     /// Imports a root filesystem tar (plain or gzipped) as distro `name`.
     pub async fn import(&self, name: &str, file: &Path) -> Result<Distro> {
-        check_name(name)?;
-        if self.cd.container(name).await?.is_some() {
-            anyhow::bail!("a distro named {name:?} exists already: import under another name");
-        }
-        if !file.is_file() {
-            anyhow::bail!(
-                "{} is not a file: name a root filesystem tar (as `hearth distro export` makes)",
-                file.display()
-            );
-        }
+        self.check_import(name, file).await?;
         let (layer, info) =
             tokio::task::block_in_place(|| rootfs::inspect(file, &format!("reading {}", file.display())))?;
         if info.init.is_none() {
