@@ -307,11 +307,6 @@ fn root_image(scratch: &Scratch, image: &std::path::Path, marker: &str) {
     hearth_e2e::ext4_image(&dir, image, 64);
 }
 
-fn allocated(path: &std::path::Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).unwrap().blocks() * 512
-}
-
 /// Containers whose root is an ext4 disk image (annotation
 /// io.hearth.rootfs.disk), attached to the running VM and detached at
 /// delete: two at once on two disks, each detached on its own while the
@@ -342,7 +337,7 @@ fn containers_run_on_disk_images_attached_while_the_vm_runs() {
     c.ok(&["task", "exec", "--exec-id", "e2", "c1", "sh", "-c", "echo kept > /kept.txt && sync"]);
 
     // c2 on b, beside it: writes 24 MiB, deletes it; the image gets it back.
-    let b_before = allocated(&b);
+    let b_before = hearth_e2e::allocated_bytes(&b);
     let o = c.run(
         "c2",
         &["--annotation", &on(&b)],
@@ -354,7 +349,7 @@ fn containers_run_on_disk_images_attached_while_the_vm_runs() {
     );
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "from b\n");
-    let b_after = allocated(&b);
+    let b_after = hearth_e2e::allocated_bytes(&b);
     hearth_e2e::figure(&format!(
         "disk root b.img allocated on the host: {} KiB before, {} KiB after writing and deleting 24 MiB",
         b_before >> 10,

@@ -477,12 +477,6 @@ fn balloon_free_page_reporting_returns_freed_guest_memory_to_the_host() {
     );
 }
 
-/// Bytes the host file system holds for `path` (a sparse image's real size).
-fn allocated(path: &std::path::Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).unwrap().blocks() * 512
-}
-
 #[test]
 fn block_disks_attach_and_detach_while_the_vm_runs_through_the_control_socket() {
     use hearth_vmm::api::protocol::VmState;
@@ -614,7 +608,7 @@ echo "HEARTH-BOTH-EMPTY: $(cat /sys/block/vdb/size) $(cat /sys/block/vdc/size)"
                 check(again.contains("never attached twice"), format!("second attach of alpha: {again}"));
             }
             "HEARTH-STEP: alpha-filled" => {
-                alloc_filled = allocated(&alpha);
+                alloc_filled = hearth_e2e::allocated_bytes(&alpha);
                 let d = client.attach_disk_path(&beta, "beta", true);
                 check(d.as_ref().is_ok_and(|d| d.read_only), format!("attaching beta: {d:?}"));
                 let third = scratch.path("third.img");
@@ -622,7 +616,7 @@ echo "HEARTH-BOTH-EMPTY: $(cat /sys/block/vdb/size) $(cat /sys/block/vdc/size)"
                 let full = client.attach_disk_path(&third, "third", false).map(|_| ()).unwrap_err().to_string();
                 check(full.contains("--disk-slots"), format!("attach with no free slot: {full}"));
             }
-            "HEARTH-STEP: alpha-trimmed" => alloc_trimmed = allocated(&alpha),
+            "HEARTH-STEP: alpha-trimmed" => alloc_trimmed = hearth_e2e::allocated_bytes(&alpha),
             "HEARTH-STEP: alpha-unmounted" => {
                 let d = client.detach_disk("alpha");
                 check(d.is_ok(), format!("detaching alpha: {d:?}"));

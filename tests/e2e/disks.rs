@@ -37,11 +37,11 @@ fn distros_on_disk_images() {
 
     // Deleting a file gives its space back to the sparse image (after fstrim).
     h.sh("tiny", "dd if=/dev/zero of=/big bs=1M count=32 2>/dev/null && sync");
-    let full = allocated(&image);
+    let full = hearth_e2e::allocated_bytes(&image);
     // The root is mounted with discard, whose discards are issued after the
     // journal commits, asynchronously; fstrim waits for its own.
     h.sh("tiny", "rm /big && sync && fstrim /");
-    let trimmed = allocated(&image);
+    let trimmed = hearth_e2e::allocated_bytes(&image);
     hearth_e2e::figure(&format!(
         "distro disk image allocated on the host: {} KiB with a 32 MiB file, {} KiB once it is deleted",
         full >> 10,
@@ -135,9 +135,4 @@ fn a_debian_distro_on_its_own_disk_runs_docker_on_overlay2() {
     assert_eq!(docker, "active\noverlay2\nhello from docker on overlay\n", "{docker}");
     h.ok(&["distro", "unregister", "debian"]);
     assert!(!image.exists(), "unregister removes the image");
-}
-
-fn allocated(path: &std::path::Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).unwrap().blocks() * 512
 }

@@ -364,6 +364,12 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Bytes the host file system holds for `path` (a sparse image's real size).
+pub fn allocated_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
 /// Prints a measured figure so that it shows in the suite's output even
 /// when the test passes (the test harness captures `println!`, not writes
 /// to the stderr handle).
