@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use containerd_client::services::v1::Container;
 
-use super::{check_name, Distro, Hearth, State};
+use super::{check_name, Distro, Hearth};
 use hearth_rootfs::progress::Progress;
 
 /// The image a disk-backed distro runs on.
@@ -217,16 +217,7 @@ impl Hearth {
         let Some(image) = &d.disk else {
             bail!("distro {} keeps its files in a containerd snapshot, not a disk image: export it to a tar", d.name);
         };
-        if let s @ (State::Running { .. } | State::Starting) = self.state(&d.name).await? {
-            bail!(
-                "distro {} is {}: its disk would change while it is copied. Stop it first with `hearth terminate {}`",
-                d.name,
-                s.to_string().to_lowercase(),
-                d.name
-            );
-        }
-        // A stopped task still holds the disk attached: deleting it detaches it.
-        self.cd.delete_task(&d.name).await?;
+        self.hold_still(d, "its disk would change while it is copied").await?;
         copy_sparse(image, file, &format!("exporting {} to {}", d.name, file.display()))?;
         Ok(std::fs::metadata(file)?.len())
     }

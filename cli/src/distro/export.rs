@@ -23,21 +23,26 @@ impl Drop for Mounted {
 }
 
 impl Hearth {
-    /// Writes distro `d`'s files to `file` (gzip-compressed if it ends in
-    /// `.gz` or `.tgz`); its size.
-    pub async fn export(&self, d: &Distro, file: &Path) -> Result<u64> {
+    /// Refuses to read a running distro's files (`why` says what would go
+    /// wrong); for a stopped one, deletes its task, which still has the
+    /// root filesystem mounted (by the shim, on the host) or its disk
+    /// attached, so that the export can take it.
+    pub(super) async fn hold_still(&self, d: &Distro, why: &str) -> Result<()> {
         if let s @ (State::Running { .. } | State::Starting) = self.state(&d.name).await? {
             bail!(
-                "distro {} is {}: its files would change while they are read. Stop it first with `hearth terminate {}`",
+                "distro {} is {}: {why}. Stop it first with `hearth terminate {}`",
                 d.name,
                 s.to_string().to_lowercase(),
                 d.name
             );
         }
-        // A stopped task still has the root filesystem mounted (by the shim,
-        // on the host) or its disk attached: its deletion lets it go before
-        // the export mounts it.
-        self.cd.delete_task(&d.name).await?;
+        self.cd.delete_task(&d.name).await.map(|_| ())
+    }
+
+    /// Writes distro `d`'s files to `file` (gzip-compressed if it ends in
+    /// `.gz` or `.tgz`); its size.
+    pub async fn export(&self, d: &Distro, file: &Path) -> Result<u64> {
+        self.hold_still(d, "its files would change while they are read").await?;
         let dir = std::env::temp_dir().join(format!("hearth-export-{}-{}", d.name, std::process::id()));
         std::fs::create_dir_all(&dir)?;
         match &d.disk {
