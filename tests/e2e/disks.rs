@@ -6,7 +6,7 @@
 //! the devices suite covers hot-attach at the VMM's level.
 
 use hearth_e2e::containerd::Containerd;
-use hearth_e2e::distro::{text, wait_for_systemd, Hearth, DISTRO_INCLUDE};
+use hearth_e2e::distro::{wait_for_systemd, Hearth, DISTRO_INCLUDE};
 use hearth_e2e::{Env, Scratch};
 
 /// Distros on ext4 disk images (`import --vhd`), as WSL keeps each distro
@@ -70,12 +70,7 @@ fn distros_on_disk_images() {
     assert_eq!(h.sh("tiny2", "cat /kept.txt"), "two\n");
 
     // Mistakes, each named with its fix, losing nothing.
-    let fails = |args: &[&str], want: &str| {
-        let o = h.run(args);
-        assert_eq!(o.status.code(), Some(125), "hearth {args:?}: {}", text(&o));
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains(want), "hearth {args:?} should say {want:?}: {err}");
-    };
+    let fails = |args: &[&str], want: &str| h.fails(args, want);
     let garbage = scratch.path("garbage.img");
     std::fs::write(&garbage, vec![0x5au8; 4 << 20]).unwrap();
     fails(&["distro", "import", "--vhd", "bad", &garbage.display().to_string()], "damaged or not an ext4");

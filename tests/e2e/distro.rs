@@ -250,12 +250,7 @@ fn mistakes_are_named_with_their_fix() {
     let scratch = Scratch::new("distro-errors");
     let c = Containerd::start(&env, &scratch, 30);
     let h = Hearth::new(&env, &scratch, &c, 512);
-    let fails = |args: &[&str], want: &str| {
-        let o = h.run(args);
-        assert_eq!(o.status.code(), Some(125), "hearth {args:?}: {}", text(&o));
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains(want), "hearth {args:?} should say {want:?}: {err}");
-    };
+    let fails = |args: &[&str], want: &str| h.fails(args, want);
     fails(&["-d", "nosuch", "--", "true"], "install one with `hearth distro install debian`");
     fails(&["--", "true"], "no distro is installed");
     fails(&["distro", "install", "fedora"], "no recipe \"fedora\"");

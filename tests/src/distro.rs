@@ -115,6 +115,15 @@ impl Hearth {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
+    /// hearth that must fail as hearth's own failures do (status 125),
+    /// saying `want` on stderr.
+    pub fn fails(&self, args: &[&str], want: &str) {
+        let o = self.run(args);
+        assert_eq!(o.status.code(), Some(125), "hearth {args:?}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "hearth {args:?} should say {want:?}: {err}");
+    }
+
     /// A shell script in distro `name`, which must succeed; its stdout.
     pub fn sh(&self, name: &str, script: &str) -> String {
         self.ok(&["-d", name, "--", "sh", "-c", script])
