@@ -197,9 +197,10 @@ impl Drop for Containerd {
                     })
                     .collect();
                 eprintln!("--- shim {pid}: threads (comm wchan) {threads:?}\n    fds {fds:?}");
-                // Their stacks, where gdb is installed.
-                if let Ok(o) = Command::new("gdb")
-                    .args(["-batch", "-p", &pid.to_string(), "-ex", "thread apply all bt 25"])
+                // Their stacks, where gdb is installed; bounded, since gdb
+                // reading our debug info under emulation can take minutes.
+                if let Ok(o) = Command::new("timeout")
+                    .args(["60", "gdb", "-batch", "-p", &pid.to_string(), "-ex", "thread apply all bt 25"])
                     .stdin(Stdio::null())
                     .output()
                 {
