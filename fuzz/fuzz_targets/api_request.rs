@@ -1,8 +1,11 @@
 //! Fuzzes the VMM's control socket: whatever a host client sends, through
 //! the real server (`api::server::serve`: the request line read from a
 //! Unix socket, with or without a descriptor beside it) into the real
-//! `Control` of two disk slots, one fixed disk and a balloon, whose state
-//! carries over from input to input (attaches and detaches accumulate).
+//! `Control` of two disk slots, one fixed disk, two NIC slots and a
+//! balloon, whose state carries over from input to input (attaches and
+//! detaches accumulate). No tap is ever sent (the fuzzer makes no network
+//! interfaces): attach-nic meets images, directories and nothing, which it
+//! must refuse.
 //!
 //! Input: a flags byte (bit 0: send an image descriptor with the request,
 //! bits 1-2: which one: a sparse 1 MiB image, a second one, the fixed
@@ -23,11 +26,12 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use hearth_vmm::api::control::{BalloonDevice, Control, DiskDevice};
+use hearth_vmm::api::control::{BalloonDevice, Control, DiskDevice, NicDevice};
 use hearth_vmm::api::protocol::Reply;
 use hearth_vmm::devices::virtio::balloon::{Balloon, BalloonConfig};
 use hearth_vmm::devices::virtio::block::{Block, DiskConfig};
 use hearth_vmm::devices::virtio::mmio::MmioTransport;
+use hearth_vmm::devices::virtio::net::Net;
 use hearth_vmm::devices::virtio::VirtioDevice;
 use hearth_vmm::vstate::run_control::RunControl;
 use libfuzzer_sys::fuzz_target;
@@ -70,6 +74,13 @@ fn world() -> &'static World {
             vcpus: 1,
             memory_mib: 256,
             disks,
+            nics: (0..2)
+                .map(|i| {
+                    let n = Net::slot(i).unwrap();
+                    let (nic, mac) = (n.shared(), n.mac());
+                    NicDevice { transport: transport(Box::new(n)), nic, mac, hotplug: true }
+                })
+                .collect(),
             balloon: Some(BalloonDevice { transport: transport(Box::new(balloon)), size }),
             changes: Default::default(),
         };
@@ -83,6 +94,8 @@ const TEMPLATES: &[&str] = &[
     r#"{"op":"set-balloon","target_mib":"#,
     r#"{"op":"info"#,
     r#"{"op":"pause"#,
+    r#"{"op":"attach-nic","id":"#,
+    r#"{"op":"detach-nic","id":"#,
 ];
 
 fuzz_target!(|data: &[u8]| {
@@ -126,6 +139,8 @@ fuzz_target!(|data: &[u8]| {
         let ids = |d: &[hearth_vmm::api::DiskInfo]| d.iter().map(|d| d.id.clone()).collect::<Vec<_>>();
         assert_eq!(ids(&before), ids(&after), "an error reply changed the disks: {reply:?}");
     }
+    let nics = w.control.info().nics;
+    assert!(nics.iter().all(|n| n.id.is_none() && !n.link_up), "a NIC attached without a tap: {reply:?}");
     let attached: Vec<_> = after.iter().filter_map(|d| d.id.clone()).collect();
     let mut unique = attached.clone();
     unique.sort();

@@ -689,3 +689,158 @@ echo "HEARTH-BOTH-EMPTY: $(cat /sys/block/vdb/size) $(cat /sys/block/vdc/size)"
     assert!(resumed_at_tick.is_some(), "the guest ticked again after resume");
     assert!(!api_path.exists(), "the control socket is removed when the VM ends");
 }
+
+/// NIC slots: a tap attached to a running VM through the control socket
+/// brings the slot's link up, carries a ping and checksummed TCP both ways;
+/// detached, the link goes down and nothing gets through; attached again
+/// (under another id), it carries traffic again. The other slot stays down
+/// throughout, and malformed requests get error replies while the VM runs on.
+#[test]
+fn net_nics_attach_and_detach_while_the_vm_runs_through_the_control_socket() {
+    use hearth_vmm::api::protocol::VmState;
+    use hearth_vmm::api::Client;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+    const BYTES: usize = 4 << 20;
+
+    let env = Env::get();
+    let scratch = Scratch::new("net-hotplug");
+    let _tap = hearth_e2e::TapDevice::new("hearthe2e1", "172.31.1.1/24");
+    let jail = scratch.path("jail");
+    std::fs::create_dir_all(&jail).unwrap();
+    let api_path = jail.join("api.sock");
+    let to_guest = pseudo_random(BYTES, 21);
+    let to_guest_sum = sha256(&to_guest);
+    let rx_listener = std::net::TcpListener::bind("172.31.1.1:5100").unwrap();
+    let tx_listener = std::net::TcpListener::bind("172.31.1.1:5101").unwrap();
+    let receiver = std::thread::spawn(move || {
+        let (mut s, _) = rx_listener.accept().unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        (got.len(), sha256(&got))
+    });
+    let sender = std::thread::spawn(move || {
+        let (mut s, _) = tx_listener.accept().unwrap();
+        s.write_all(&to_guest).unwrap();
+    });
+
+    let script = format!(
+        r#"
+set -e
+state() {{ cat /sys/class/net/$1/operstate; }}
+# Waits until $1's operstate is (or, with !, is no longer) $2.
+wait_state() {{
+    i=0
+    while :; do
+        s=$(state $1)
+        if [ "$3" = "!" ]; then [ "$s" != "$2" ] && return 0; else [ "$s" = "$2" ] && return 0; fi
+        i=$((i + 1))
+        if [ $i -gt 600 ]; then echo "HEARTH-TIMEOUT: $1 is $s"; return 1; fi
+        sleep 0.5
+    done
+}}
+ip link set eth0 up
+ip link set eth1 up
+ip addr add 172.31.1.2/24 dev eth0
+echo "HEARTH-MACS: $(cat /sys/class/net/eth0/address) $(cat /sys/class/net/eth1/address)"
+echo "HEARTH-EMPTY-STATE: $(state eth0) $(state eth1)"
+echo "HEARTH-STEP: attach"
+wait_state eth0 up
+ping -c 3 -W 10 172.31.1.1 > /dev/null && echo "HEARTH-PING: ok"
+dd if=/dev/urandom of=out.bin bs=1M count={mib} 2>/dev/null
+echo "HEARTH-SENT-SHA256: $(sha256sum out.bin | cut -d' ' -f1)"
+nc 172.31.1.1 5100 < out.bin
+nc 172.31.1.1 5101 > in.bin
+echo "HEARTH-RECEIVED-SHA256: $(sha256sum in.bin | cut -d' ' -f1)"
+echo "HEARTH-STEP: detach"
+wait_state eth0 up !
+echo "HEARTH-DETACHED-STATE: $(state eth0) $(state eth1)"
+if ping -c 2 -W 2 172.31.1.1 > /dev/null 2>&1; then echo "HEARTH-PING-DETACHED: answered"; else echo "HEARTH-PING-DETACHED: no answer"; fi
+echo "HEARTH-STEP: reattach"
+wait_state eth0 up
+ping -c 3 -W 10 172.31.1.1 > /dev/null && echo "HEARTH-PING-AGAIN: ok"
+echo "HEARTH-FINAL-STATE: $(state eth0) $(state eth1)"
+"#,
+        mib = BYTES >> 20
+    );
+    let mut run = GuestRun::new(&env, &script);
+    run.extra_args = vec![
+        "--nic-slots".into(),
+        "2".into(),
+        "--api-socket".into(),
+        api_path.display().to_string(),
+        "--jail".into(),
+        jail.display().to_string(),
+    ];
+    let client = Client::new(&api_path);
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let check = |ok: bool, what: String| {
+        if !ok {
+            failures.lock().unwrap().push(what);
+        }
+    };
+    // A raw request line and its reply line.
+    let raw = |line: &str| -> String {
+        let mut s = std::os::unix::net::UnixStream::connect(&api_path).unwrap();
+        s.write_all(line.as_bytes()).unwrap();
+        let mut reply = String::new();
+        BufReader::new(s).read_line(&mut reply).unwrap();
+        reply
+    };
+    let mut detached = None;
+    let mut info_after_garbage = None;
+    let f = hearth_e2e::run_streaming(&mut run.command(&scratch), Duration::from_secs(900), |_, line| match line {
+        "HEARTH-STEP: attach" => {
+            let n = client.attach_nic_tap("hearthe2e1", "first");
+            check(n.as_ref().is_ok_and(|n| n.index == 0 && n.link_up), format!("attaching the tap: {n:?}"));
+            let again = client.attach_nic_tap("hearthe2e1", "first").map(|_| ()).unwrap_err().to_string();
+            check(again.contains("busy") || again.contains("in use"), format!("the same tap twice: {again}"));
+            let missing = client.detach_nic("nosuch").map(|_| ()).unwrap_err().to_string();
+            check(missing.contains("no attached NIC"), format!("detaching an unknown NIC: {missing}"));
+        }
+        "HEARTH-STEP: detach" => {
+            for garbage in ["not json\n", "{\"op\":\"attach-nic\"}\n", "{\"op\":\"detach-nic\",\"id\":1}\n"] {
+                let reply = raw(garbage);
+                check(reply.starts_with("{\"error\":"), format!("{garbage:?} got {reply:?}"));
+            }
+            info_after_garbage = client.info().ok();
+            let n = client.detach_nic("first");
+            check(n.is_ok(), format!("detaching: {n:?}"));
+            detached = n.ok();
+        }
+        "HEARTH-STEP: reattach" => {
+            let n = client.attach_nic_tap("hearthe2e1", "second");
+            check(n.as_ref().is_ok_and(|n| n.index == 0), format!("attaching again: {n:?}"));
+        }
+        _ => {}
+    });
+    assert!(!f.killed, "the VM hung:\n{}", f.describe());
+    assert_eq!(f.status.code(), Some(0), "{}", f.describe());
+    assert_eq!(f.fact("RUN-EXIT"), "0", "the guest script failed:\n{}", f.describe());
+    let failures = failures.lock().unwrap();
+    assert!(failures.is_empty(), "{failures:#?}\n{}", f.describe());
+
+    assert_eq!(f.fact("MACS"), "02:68:65:00:00:00 02:68:65:00:00:01", "each slot's MAC");
+    let empty = f.fact("EMPTY-STATE");
+    assert!(!empty.contains("up"), "empty slots have no carrier: {empty}");
+    assert_eq!(f.fact("PING"), "ok", "{}", f.describe());
+    let (got_len, got_sum) = receiver.join().unwrap();
+    assert_eq!((got_len, got_sum), (BYTES, f.fact("SENT-SHA256")), "guest to host over the attached NIC");
+    sender.join().unwrap();
+    assert_eq!(f.fact("RECEIVED-SHA256"), to_guest_sum, "host to guest over the attached NIC");
+    let gone = f.fact("DETACHED-STATE");
+    assert!(!gone.contains("up"), "detached, the link is down: {gone}");
+    assert_eq!(f.fact("PING-DETACHED"), "no answer", "nothing gets through a detached NIC");
+    assert_eq!(f.fact("PING-AGAIN"), "ok", "the slot carries traffic again after a reattach");
+    let last = f.fact("FINAL-STATE");
+    assert!(last.starts_with("up ") && !last.ends_with(" up"), "only the attached slot is up: {last}");
+
+    let info = info_after_garbage.expect("info after the malformed requests");
+    assert_eq!(info.state, VmState::Running);
+    assert_eq!(info.nics[0].id.as_deref(), Some("first"));
+    let n = detached.expect("the detach reply");
+    hearth_e2e::figure(&format!("hot-attached NIC counters at detach: {:?}", n.stats));
+    assert!(n.stats.tx_bytes >= BYTES as u64 && n.stats.rx_bytes >= BYTES as u64, "{:?}", n.stats);
+    assert_eq!(n.stats.rx_dropped, 0, "{:?}", n.stats);
+}

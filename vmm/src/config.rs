@@ -46,6 +46,9 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// virtio-net devices over host taps, in order: the first is eth0 in the guest.
     pub nets: Vec<NetConfig>,
+    /// virtio-net devices after `nets` with no tap and their link down, to
+    /// which the control socket attaches taps while the VM runs.
+    pub nic_slots: u8,
     /// A virtio-vsock device and the host socket behind it.
     pub vsock: Option<VsockConfig>,
     /// virtio-fs shares (vhost-user, served by virtiofsd).
@@ -157,6 +160,7 @@ impl VmConfig {
             disk_slots: 0,
             api_socket: None,
             nets: Vec::new(),
+            nic_slots: 0,
             vsock: None,
             shares: Vec::new(),
             balloon: None,

@@ -211,10 +211,21 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
         let transport = devices.attach(&vm.fd, &vm.memory, &mut mmio, Box::new(block))?;
         api_disks.push(api::control::DiskDevice { transport, slot, hotplug: true });
     }
+    let mut api_nics = Vec::new();
     for net in &config.nets {
         let dev = devices::virtio::net::Net::new(net.clone())
             .map_err(|source| Error::Net { tap: net.tap.clone(), source })?;
-        devices.attach(&vm.fd, &vm.memory, &mut mmio, Box::new(dev))?;
+        let (nic, mac) = (dev.shared(), dev.mac());
+        let transport = devices.attach(&vm.fd, &vm.memory, &mut mmio, Box::new(dev))?;
+        api_nics.push(api::control::NicDevice { transport, nic, mac, hotplug: false });
+    }
+    // Slots follow the fixed NICs, so the guest names those as before.
+    for index in 0..config.nic_slots {
+        let dev = devices::virtio::net::Net::slot(index)
+            .map_err(|source| Error::Net { tap: format!("slot {index}"), source })?;
+        let (nic, mac) = (dev.shared(), dev.mac());
+        let transport = devices.attach(&vm.fd, &vm.memory, &mut mmio, Box::new(dev))?;
+        api_nics.push(api::control::NicDevice { transport, nic, mac, hotplug: true });
     }
     if let Some(vsock) = &config.vsock {
         let mut dev = devices::virtio::vsock::Vsock::new(vsock.clone())
@@ -308,6 +319,7 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
             vcpus: config.vcpus,
             memory_mib: config.memory_mib,
             disks: api_disks,
+            nics: api_nics,
             balloon: api_balloon,
             changes: Default::default(),
         };

@@ -69,6 +69,13 @@ struct Args {
     /// tap's name. Repeat for more devices: eth0, eth1, ... in order.
     #[arg(long = "net", value_parser = NetConfig::parse)]
     nets: Vec<NetConfig>,
+    /// virtio-net devices after the `--net` ones, with no tap and their link
+    /// down, to which the control socket attaches taps while the VM runs
+    /// (and from which it detaches them). Their MACs are 02:68:65:00:00:NN,
+    /// NN the slot. Needs `--api-socket`.
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "api_socket",
+          value_parser = clap::value_parser!(u8).range(0..=16))]
+    nic_slots: u8,
     /// A virtio-vsock device: `cid=N,socket=PATH`. Host processes connect to
     /// PATH and send `CONNECT <port>\n`; guest connections to host port P go
     /// to the Unix socket `PATH_P`.
@@ -130,6 +137,7 @@ fn main() -> ExitCode {
         disk_slots: args.disk_slots,
         api_socket: args.api_socket,
         nets: args.nets,
+        nic_slots: args.nic_slots,
         vsock: args.vsock,
         shares: args.shares,
         balloon: args.balloon,

@@ -2,14 +2,15 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use super::protocol::{DiskInfo, Reply, Request, VmInfo};
+use super::protocol::{DiskInfo, NicInfo, Reply, Request, VmInfo};
+use crate::devices::virtio::tap::Tap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -19,6 +20,8 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("cannot open the disk image {path}: {source}")]
     Image { path: PathBuf, source: std::io::Error },
+    #[error("cannot open the tap {name}: {source}")]
+    Tap { name: String, source: std::io::Error },
     #[error("the VMM's reply is not understood: {0}")]
     BadReply(String),
     /// The VMM refused the request; its message says why.
@@ -37,9 +40,9 @@ impl Client {
         Client { path: path.into(), timeout: Duration::from_secs(15) }
     }
 
-    /// Sends `request` (with `file`'s descriptor, for attach-disk) and
-    /// returns the reply; an error reply is [`Error::Refused`].
-    pub fn call(&self, request: &Request, file: Option<&File>) -> Result<Reply, Error> {
+    /// Sends `request` (with `file`'s descriptor, for attach-disk and
+    /// attach-nic) and returns the reply; an error reply is [`Error::Refused`].
+    pub fn call(&self, request: &Request, file: Option<&dyn AsFd>) -> Result<Reply, Error> {
         let conn =
             UnixStream::connect(&self.path).map_err(|source| Error::Connect { path: self.path.clone(), source })?;
         conn.set_read_timeout(Some(self.timeout))?;
@@ -47,9 +50,9 @@ impl Client {
         let mut line = serde_json::to_vec(request).map_err(|e| Error::BadReply(e.to_string()))?;
         line.push(b'\n');
         let sent = match file {
-            Some(f) => {
-                conn.send_with_fd(&line[..], f.as_raw_fd()).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?
-            }
+            Some(f) => conn
+                .send_with_fd(&line[..], f.as_fd().as_raw_fd())
+                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?,
             None => {
                 (&conn).write_all(&line)?;
                 line.len()
@@ -88,7 +91,7 @@ impl Client {
 
     /// Attaches an open image (read-write unless `read_only`) as disk `id`.
     pub fn attach_disk(&self, image: &File, id: &str, read_only: bool) -> Result<DiskInfo, Error> {
-        match self.call(&Request::AttachDisk { id: id.into(), read_only }, Some(image))? {
+        match self.call(&Request::AttachDisk { id: id.into(), read_only }, Some(image as &dyn AsFd))? {
             Reply::Attached(d) => Ok(d),
             other => Err(unexpected(other)),
         }
@@ -109,6 +112,29 @@ impl Client {
     pub fn detach_disk(&self, id: &str) -> Result<DiskInfo, Error> {
         match self.call(&Request::DetachDisk { id: id.into() }, None)? {
             Reply::Detached(d) => Ok(d),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Attaches an open tap (IFF_TAP | IFF_NO_PI) to a free NIC slot as `id`.
+    pub fn attach_nic(&self, tap: &impl AsFd, id: &str) -> Result<NicInfo, Error> {
+        match self.call(&Request::AttachNic { id: id.into() }, Some(tap as &dyn AsFd))? {
+            Reply::NicAttached(n) => Ok(n),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Opens the tap `name` here (in the caller's network namespace, with
+    /// the caller's rights: creating it needs CAP_NET_ADMIN) and attaches it.
+    pub fn attach_nic_tap(&self, name: &str, id: &str) -> Result<NicInfo, Error> {
+        let tap = Tap::open(name).map_err(|source| Error::Tap { name: name.into(), source })?;
+        self.attach_nic(&tap, id)
+    }
+
+    /// Detaches NIC `id`; returns it as it was, with its final counters.
+    pub fn detach_nic(&self, id: &str) -> Result<NicInfo, Error> {
+        match self.call(&Request::DetachNic { id: id.into() }, None)? {
+            Reply::NicDetached(n) => Ok(n),
             other => Err(unexpected(other)),
         }
     }

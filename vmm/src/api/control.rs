@@ -9,10 +9,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::protocol::{BalloonInfo, DiskInfo, Reply, Request, VmInfo, VmState};
+use super::protocol::{BalloonInfo, DiskInfo, NicInfo, Reply, Request, VmInfo, VmState};
 use crate::devices::virtio::balloon::BalloonSize;
 use crate::devices::virtio::block::{SharedSlot, Slot, SECTOR_SIZE};
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::SharedNic;
+use crate::devices::virtio::tap::Tap;
 use crate::vstate::run_control::RunControl;
 
 /// How long a pause waits for every vCPU to stop.
@@ -28,6 +30,15 @@ pub struct DiskDevice {
     pub hotplug: bool,
 }
 
+/// A virtio-net device as the control socket sees it.
+pub struct NicDevice {
+    pub transport: Arc<MmioTransport>,
+    pub nic: SharedNic,
+    pub mac: [u8; 6],
+    /// Attachable (`--nic-slots`) rather than given with `--net`.
+    pub hotplug: bool,
+}
+
 pub struct BalloonDevice {
     pub transport: Arc<MmioTransport>,
     pub size: Arc<BalloonSize>,
@@ -38,6 +49,7 @@ pub struct Control {
     pub vcpus: u8,
     pub memory_mib: u64,
     pub disks: Vec<DiskDevice>,
+    pub nics: Vec<NicDevice>,
     pub balloon: Option<BalloonDevice>,
     /// Serializes attaches and detaches.
     pub changes: std::sync::Mutex<()>,
@@ -46,8 +58,10 @@ pub struct Control {
 impl Control {
     /// Serves one request; `file` is the descriptor sent with it, if any.
     pub fn handle(&self, request: Request, file: Option<File>) -> Reply {
-        if file.is_some() && !matches!(request, Request::AttachDisk { .. }) {
-            return Reply::Error("this request takes no file descriptor: send one only with attach-disk".into());
+        if file.is_some() && !matches!(request, Request::AttachDisk { .. } | Request::AttachNic { .. }) {
+            return Reply::Error(
+                "this request takes no file descriptor: send one only with attach-disk or attach-nic".into(),
+            );
         }
         let result = match request {
             Request::Info {} => Ok(Reply::Info(self.info())),
@@ -59,6 +73,8 @@ impl Control {
             Request::SetBalloon { target_mib } => self.set_balloon(target_mib),
             Request::AttachDisk { id, read_only } => self.attach(&id, read_only, file),
             Request::DetachDisk { id } => self.detach(&id),
+            Request::AttachNic { id } => self.attach_nic(&id, file),
+            Request::DetachNic { id } => self.detach_nic(&id),
         };
         result.unwrap_or_else(Reply::Error)
     }
@@ -73,6 +89,7 @@ impl Control {
                 actual_mib: u64::from(b.size.actual.load(Ordering::Acquire)) / PAGES_PER_MIB,
             }),
             disks: self.disks.iter().enumerate().map(|(i, d)| disk_info(i, d, &d.slot.lock().unwrap())).collect(),
+            nics: self.nics.iter().enumerate().map(|(i, n)| nic_info(i, n)).collect(),
         }
     }
 
@@ -179,6 +196,58 @@ impl Control {
     }
 }
 
+impl Control {
+    fn attach_nic(&self, id: &str, file: Option<File>) -> Result<Reply, String> {
+        check_id(id)?;
+        let file = file.ok_or("attach-nic needs the tap's open file descriptor sent with the request (SCM_RIGHTS)")?;
+        let tap = Tap::from_received(file)?;
+        let _changes = self.changes.lock().unwrap();
+        if self.nics.iter().any(|n| n.nic.lock().id.as_deref() == Some(id)) {
+            return Err(format!("a NIC with id {id:?} is already attached: choose another id"));
+        }
+        let Some(index) = self.nics.iter().position(|n| n.hotplug && !n.nic.lock().is_attached()) else {
+            let n = self.nics.iter().filter(|n| n.hotplug).count();
+            return Err(format!("all {n} NIC slots are in use: detach a NIC, or start the VM with more --nic-slots"));
+        };
+        let dev = &self.nics[index];
+        let tap_name = tap.name().to_string();
+        // The link comes up in the config space the guest re-reads.
+        dev.transport.update_config(|| dev.nic.attach(tap, id))?;
+        tracing::info!(id, index, tap = tap_name, "NIC attached");
+        Ok(Reply::NicAttached(nic_info(index, dev)))
+    }
+
+    fn detach_nic(&self, id: &str) -> Result<Reply, String> {
+        check_id(id)?;
+        let _changes = self.changes.lock().unwrap();
+        let Some(index) = self.nics.iter().position(|n| n.nic.lock().id.as_deref() == Some(id)) else {
+            let attached: Vec<String> = self.nics.iter().filter_map(|n| n.nic.lock().id.clone()).collect();
+            return Err(format!("no attached NIC has id {id:?} (attached: {attached:?})"));
+        };
+        let dev = &self.nics[index];
+        if !dev.hotplug {
+            return Err(format!("{id:?} was given with --net: only NICs attached through this socket detach"));
+        }
+        let info = nic_info(index, dev);
+        let (_, stats) = dev.transport.update_config(|| dev.nic.detach()).ok_or("the NIC went meanwhile")?;
+        tracing::info!(id, index, "NIC detached");
+        Ok(Reply::NicDetached(NicInfo { stats, ..info }))
+    }
+}
+
+fn nic_info(index: usize, n: &NicDevice) -> NicInfo {
+    let s = n.nic.lock();
+    let m = n.mac;
+    NicInfo {
+        index,
+        slot: n.hotplug,
+        id: s.id.clone(),
+        mac: format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5]),
+        link_up: s.is_attached(),
+        stats: s.stats,
+    }
+}
+
 fn disk_info(index: usize, d: &DiskDevice, s: &Slot) -> DiskInfo {
     DiskInfo {
         index,
@@ -190,14 +259,14 @@ fn disk_info(index: usize, d: &DiskDevice, s: &Slot) -> DiskInfo {
     }
 }
 
-/// A disk id is the serial the guest reads: 1 to 20 bytes of letters,
-/// digits, `.`, `_` and `-`.
+/// A disk or NIC id (a disk's is the serial the guest reads): 1 to 20 bytes
+/// of letters, digits, `.`, `_` and `-`.
 pub fn check_id(id: &str) -> Result<(), String> {
     let ok = !id.is_empty() && id.len() <= 20 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if ok {
         Ok(())
     } else {
-        Err(format!("{id:?} is not a disk id: use 1 to 20 letters, digits, '.', '_' or '-'"))
+        Err(format!("{id:?} is not an id: use 1 to 20 letters, digits, '.', '_' or '-'"))
     }
 }
 

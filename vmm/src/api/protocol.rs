@@ -7,12 +7,15 @@
 //! {"op":"attach-disk","id":"ubuntu","read_only":false}   + image fd
 //!                                              -> {"attached":{...DiskInfo}}
 //! {"op":"detach-disk","id":"ubuntu"}           -> {"detached":{...DiskInfo}}
+//! {"op":"attach-nic","id":"c1-eth0"}  + tap fd  -> {"nic-attached":{...NicInfo}}
+//! {"op":"detach-nic","id":"c1-eth0"}           -> {"nic-detached":{...NicInfo}}
 //! any failure                                  -> {"error":"what and what to do"}
 //! ```
 
 use serde::{Deserialize, Serialize};
 
 use crate::devices::virtio::block::DiskStats;
+use crate::devices::virtio::nic_slot::NetStats;
 
 /// Longest request line the server reads.
 pub const MAX_REQUEST_BYTES: usize = 64 << 10;
@@ -43,6 +46,17 @@ pub enum Request {
     DetachDisk {
         id: String,
     },
+    /// Attaches the tap sent with the request (opened IFF_TAP | IFF_NO_PI,
+    /// without IFF_VNET_HDR, in whatever network namespace the caller
+    /// chose) to a free NIC slot: the guest sees that NIC's link come up.
+    AttachNic {
+        id: String,
+    },
+    /// Empties the slot holding NIC `id`: its link goes down, and no frame
+    /// reaches the tap from the reply on.
+    DetachNic {
+        id: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +67,9 @@ pub enum Reply {
     Attached(DiskInfo),
     /// The disk as it was just before it was detached, with its counters.
     Detached(DiskInfo),
+    NicAttached(NicInfo),
+    /// The NIC as it was just before it was detached, with its counters.
+    NicDetached(NicInfo),
     Error(String),
 }
 
@@ -72,6 +89,10 @@ pub struct VmInfo {
     /// Every virtio-blk device, in the order the guest probes them (the
     /// `--disk` disks first, then the slots).
     pub disks: Vec<DiskInfo>,
+    /// Every virtio-net device, in the order the guest probes them (the
+    /// `--net` NICs first, then the slots).
+    #[serde(default)]
+    pub nics: Vec<NicInfo>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,4 +113,21 @@ pub struct DiskInfo {
     pub read_only: bool,
     pub size_bytes: u64,
     pub stats: DiskStats,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicInfo {
+    /// Position among the virtio-net devices (0 is the first the guest probes).
+    pub index: usize,
+    /// A slot of `--nic-slots` (attachable), or a NIC given with `--net`.
+    pub slot: bool,
+    /// What the attachment is called (a `--net` NIC's is its tap's name);
+    /// None when empty.
+    pub id: Option<String>,
+    /// The MAC in the device's config space, as the guest first sees it
+    /// (the guest may set another on its interface).
+    pub mac: String,
+    /// Whether the guest sees a carrier: a tap is attached.
+    pub link_up: bool,
+    pub stats: NetStats,
 }

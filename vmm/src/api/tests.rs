@@ -9,7 +9,7 @@ use std::sync::Arc;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::control::{BalloonDevice, Control, DiskDevice};
+use super::control::{BalloonDevice, Control, DiskDevice, NicDevice};
 use super::protocol::{Reply, Request, VmState};
 use super::Client;
 use crate::devices::bus::BusDevice;
@@ -66,6 +66,7 @@ fn control(fixed: Option<PathBuf>, slots: usize, balloon: bool) -> Control {
         vcpus: 1,
         memory_mib: 256,
         disks,
+        nics: Vec::new(),
         balloon,
         changes: Default::default(),
     }
@@ -137,7 +138,7 @@ fn bad_attaches_are_refused_with_what_to_do() {
 
     assert!(refused(attach("x", false, None)).contains("descriptor"));
     for bad in ["", "has space", "a/b", "twenty-one-characters", "ü"] {
-        assert!(refused(attach(bad, false, Some(rw(&img)))).contains("not a disk id"), "{bad:?}");
+        assert!(refused(attach(bad, false, Some(rw(&img)))).contains("not an id"), "{bad:?}");
     }
     assert!(refused(attach("x", false, Some(File::open(&img).unwrap()))).contains("opened read-only"));
     assert!(refused(attach("x", false, Some(rw(&odd)))).contains("512-byte sectors"));
@@ -220,4 +221,42 @@ fn the_socket_serves_the_typed_client_and_answers_garbage_with_errors() {
     assert_eq!(client.info().unwrap().disks.len(), 1);
     let nonexistent = Client::new(dir.0.join("nope.sock")).info().unwrap_err().to_string();
     assert!(nonexistent.contains("--api-socket"), "{nonexistent}");
+}
+
+/// A VM's control with `slots` NIC slots (and no disk).
+fn control_with_nic_slots(slots: u8) -> Control {
+    let mut c = control(None, 0, false);
+    for i in 0..slots {
+        let dev = crate::devices::virtio::net::Net::slot(i).unwrap();
+        let (nic, mac) = (dev.shared(), dev.mac());
+        c.nics.push(NicDevice { transport: transport(Box::new(dev)), nic, mac, hotplug: true });
+    }
+    c
+}
+
+/// What the guest's driver reads of a NIC: the link status in the config space.
+fn link_up(t: &MmioTransport) -> bool {
+    let mut status = [0u8; 2];
+    t.read(0x100 + 6, &mut status);
+    u16::from_le_bytes(status) & 1 == 1
+}
+
+#[test]
+fn nic_slots_start_empty_with_their_link_down_and_refuse_what_is_not_a_tap() {
+    let c = control_with_nic_slots(2);
+    let info = c.info();
+    assert_eq!(info.nics.len(), 2);
+    assert_eq!(info.nics[1].mac, "02:68:65:00:00:01");
+    assert!(info.nics.iter().all(|n| n.slot && n.id.is_none() && !n.link_up), "{info:?}");
+    assert!(!link_up(&c.nics[0].transport), "the guest sees no carrier");
+
+    let attach = |id: &str, f: Option<File>| c.handle(Request::AttachNic { id: id.into() }, f);
+    assert!(refused(attach("n1", None)).contains("tap's open file descriptor"));
+    let not_a_tap = File::open("/dev/null").unwrap();
+    let e = refused(attach("n1", Some(not_a_tap)));
+    assert!(e.contains("not a tap"), "{e}");
+    assert!(refused(attach("a/b", None)).contains("not an id"));
+    let e = refused(c.handle(Request::DetachNic { id: "n1".into() }, None));
+    assert!(e.contains("no attached NIC has id \"n1\""), "{e}");
+    assert!(c.info().nics.iter().all(|n| !n.link_up), "refusals change nothing");
 }

@@ -276,9 +276,11 @@ fn api() -> Rules {
     add(&mut r, libc::SYS_sendto, arg_in(4, &[0]));
     // The client's read and write timeouts.
     add(&mut r, libc::SYS_setsockopt, arg32_in(2, &[libc::SO_RCVTIMEO as u64, libc::SO_SNDTIMEO as u64]));
-    // attach-disk: the image's access mode; the received descriptor made
-    // close-on-exec.
-    add(&mut r, libc::SYS_fcntl, arg32_in(1, &[libc::F_GETFL as u64, libc::F_SETFD as u64]));
+    // attach-disk and attach-nic: the descriptor's access mode; the
+    // received descriptor made close-on-exec; a tap made non-blocking.
+    add(&mut r, libc::SYS_fcntl, arg32_in(1, &[libc::F_GETFL as u64, libc::F_SETFD as u64, libc::F_SETFL as u64]));
+    // attach-nic: that the descriptor is a tap, and how it was opened.
+    add(&mut r, libc::SYS_ioctl, arg_in(1, &[libc::TUNGETIFF as u64]));
     // pause: pthread_kill(SIGRTMIN) interrupts KVM_RUN.
     add(&mut r, libc::SYS_tgkill, arg32_in(2, &[libc::SIGRTMIN() as u64]));
     r

@@ -18,6 +18,7 @@ pub mod fs;
 pub mod interrupt;
 pub mod mmio;
 pub mod net;
+pub mod nic_slot;
 pub mod queue;
 pub mod tap;
 pub mod vsock;

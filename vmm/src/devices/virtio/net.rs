@@ -38,6 +38,11 @@
 //!
 //! Work per wake-up is bounded (a flood on the tap cannot starve transmit,
 //! and a guest that keeps transmitting cannot starve receive).
+//!
+//! The tap lives in a [`NicSlot`] shared with the control socket: a NIC
+//! slot's tap is attached and detached while the VM runs, its link is up
+//! only while one is attached, and what the guest transmits with no tap is
+//! dropped (and counted).
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -48,6 +53,7 @@ use vm_memory::{GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::nic_slot::{NetStats, NicSlot};
 use super::queue::{avail_index_is_sane, drain_queue, BUDGET};
 use super::tap::{Tap, TapIo};
 use super::worker::{self, DeviceWorker, Poller};
@@ -83,6 +89,16 @@ static RX_ERROR: LogLimit = LogLimit::new();
 const TOKEN_RX: u64 = 0;
 const TOKEN_TX: u64 = 1;
 const TOKEN_TAP: u64 = 2;
+const TOKEN_CHANGED: u64 = 3;
+
+/// The MAC of NIC slot `index` (until the guest sets its own): locally
+/// administered, "he" for hearth, then the slot.
+pub fn slot_mac(index: u8) -> [u8; 6] {
+    [0x02, 0x68, 0x65, 0x00, 0x00, index]
+}
+
+/// A NIC's back end as the device, its worker and the control socket share it.
+pub type SharedNic = Arc<NicSlot<Tap>>;
 
 /// The header of every received packet: no offload, one buffer.
 fn rx_header() -> [u8; HDR_LEN] {
@@ -159,9 +175,9 @@ where
     RxOutcome::Delivered((HDR_LEN + frame.len()) as u32)
 }
 
-/// The thread side of the device: both queues and the tap.
+/// The thread side of the device: both queues and the tap (in its slot).
 pub struct NetWorker<T: TapIo + AsRawFd> {
-    tap: T,
+    nic: Arc<NicSlot<T>>,
     mem: GuestMemoryMmap,
     rx: Queue,
     tx: Queue,
@@ -175,12 +191,17 @@ pub struct NetWorker<T: TapIo + AsRawFd> {
     tx_frame: Vec<u8>,
     /// Whether the tap should be polled: the guest may have receive buffers.
     tap_wanted: bool,
-    tap_polled: bool,
-    /// The tap failed (or the back end closed): it is never polled again.
+    /// The descriptor registered with the poller, if any.
+    polled_fd: Option<RawFd>,
+    /// The slot's generation this worker last set itself up for.
+    generation: u64,
+    /// The tap failed (or the back end closed): it is not polled again
+    /// until another is attached.
     tap_broken: bool,
 }
 
 impl<T: TapIo + AsRawFd> NetWorker<T> {
+    /// A worker over `tap` alone (a slot of its own, attached as "tap").
     pub fn new(
         tap: T,
         mem: GuestMemoryMmap,
@@ -190,8 +211,22 @@ impl<T: TapIo + AsRawFd> NetWorker<T> {
         tx_event: EventFd,
         interrupt: Arc<Interrupt>,
     ) -> Self {
+        let nic = Arc::new(NicSlot::new(Some(tap), Some("tap".into())).expect("an eventfd"));
+        Self::with_slot(nic, mem, rx, tx, rx_event, tx_event, interrupt)
+    }
+
+    pub fn with_slot(
+        nic: Arc<NicSlot<T>>,
+        mem: GuestMemoryMmap,
+        rx: Queue,
+        tx: Queue,
+        rx_event: EventFd,
+        tx_event: EventFd,
+        interrupt: Arc<Interrupt>,
+    ) -> Self {
+        let generation = nic.lock().generation();
         NetWorker {
-            tap,
+            nic,
             mem,
             rx,
             tx,
@@ -202,14 +237,20 @@ impl<T: TapIo + AsRawFd> NetWorker<T> {
             pending: None,
             tx_frame: Vec::new(),
             tap_wanted: true,
-            tap_polled: false,
+            polled_fd: None,
+            generation,
             tap_broken: false,
         }
     }
 
     /// Whether the tap should be watched for frames now.
     pub fn wants_tap(&self) -> bool {
-        self.tap_wanted && !self.tap_broken
+        self.tap_wanted && !self.tap_broken && self.nic.lock().is_attached()
+    }
+
+    /// The counters of the current attachment.
+    pub fn stats(&self) -> NetStats {
+        self.nic.lock().stats
     }
 
     /// The guest added receive buffers.
@@ -240,11 +281,20 @@ impl<T: TapIo + AsRawFd> NetWorker<T> {
             self.tap_wanted = false;
             return;
         }
+        let nic = self.nic.clone();
+        let mut slot = nic.lock();
+        if slot.generation() != self.generation {
+            // Another tap since this worker last looked: `sync_tap` sets up
+            // polling; nothing read from the old one is delivered.
+            return;
+        }
+        let slot = &mut *slot;
+        let Some(tap) = slot.tap.as_mut() else { return };
         let mut used = false;
         for _ in 0..RX_BUDGET {
             let len = match self.pending {
                 Some(len) => len,
-                None => match self.tap.read_frame(&mut self.rx_frame) {
+                None => match tap.read_frame(&mut self.rx_frame) {
                     Ok(0) => {
                         tracing::warn!("virtio-net: the tap was closed; receiving stops");
                         self.tap_broken = true;
@@ -287,11 +337,14 @@ impl<T: TapIo + AsRawFd> NetWorker<T> {
             let used_len = match deliver_frame(&self.mem, chain, &self.rx_frame[..len]) {
                 RxOutcome::Delivered(n) => {
                     self.pending = None;
+                    slot.stats.rx_frames += 1;
+                    slot.stats.rx_bytes += len as u64;
                     n
                 }
                 RxOutcome::FrameTooBig => {
                     tracing::debug!(len, "virtio-net: frame larger than the receive buffer dropped");
                     self.pending = None;
+                    slot.stats.rx_dropped += 1;
                     0
                 }
                 RxOutcome::BadChain => {
@@ -312,15 +365,29 @@ impl<T: TapIo + AsRawFd> NetWorker<T> {
     fn process_tx(&mut self) {
         // The shared loop: runaway-index guard and per-wake budget; what the
         // budget leaves is served on the self-notify (`renotify`).
-        let (tap, frame) = (&mut self.tap, &mut self.tx_frame);
+        let nic = self.nic.clone();
+        let mut slot = nic.lock();
+        let slot = &mut *slot;
+        let (tap, stats, frame) = (&mut slot.tap, &mut slot.stats, &mut self.tx_frame);
         let drained = drain_queue("virtio-net tx", &mut self.tx, &self.mem, BUDGET, |m, chain| {
-            match gather_frame(m, chain, frame) {
-                Ok(()) => {
-                    if let Err(e) = tap.write_frame(frame) {
-                        tracing::debug!("virtio-net: writing to the tap: {e}; frame dropped");
+            match (gather_frame(m, chain, frame), tap.as_mut()) {
+                (Ok(()), Some(tap)) => match tap.write_frame(frame) {
+                    Ok(()) => {
+                        stats.tx_frames += 1;
+                        stats.tx_bytes += frame.len() as u64;
                     }
+                    Err(e) => {
+                        tracing::debug!("virtio-net: writing to the tap: {e}; frame dropped");
+                        stats.tx_dropped += 1;
+                    }
+                },
+                // The link is down: the guest should not send, and what it
+                // sends goes nowhere.
+                (Ok(()), None) => stats.tx_dropped += 1,
+                (Err(e), _) => {
+                    tracing::debug!("virtio-net: transmit chain dropped: {e:?}");
+                    stats.tx_dropped += 1;
                 }
-                Err(e) => tracing::debug!("virtio-net: transmit chain dropped: {e:?}"),
             }
             0
         });
@@ -330,23 +397,41 @@ impl<T: TapIo + AsRawFd> NetWorker<T> {
         drained.renotify(&self.tx_event);
     }
 
-    /// Adds or removes the tap from the poller to match [`Self::wants_tap`].
+    /// Adds or removes the tap from the poller to match [`Self::wants_tap`],
+    /// starting afresh when the slot changed.
     fn sync_tap(&mut self, poller: &Poller) {
-        let want = self.wants_tap();
-        if want == self.tap_polled {
-            return;
-        }
-        let fd: RawFd = self.tap.as_raw_fd();
-        let r = if want { poller.add(fd, TOKEN_TAP, EventSet::IN) } else { poller.remove(fd) };
-        match r {
-            Ok(()) => self.tap_polled = want,
-            Err(e) => {
-                tracing::warn!("virtio-net: (un)registering the tap: {e}; receiving stops");
-                self.tap_broken = true;
-                if self.tap_polled && poller.remove(fd).is_ok() {
-                    self.tap_polled = false;
-                }
+        let (generation, fd) = {
+            let slot = self.nic.lock();
+            (slot.generation(), slot.tap.as_ref().map(|t| t.as_raw_fd()))
+        };
+        if generation != self.generation {
+            // The old tap's descriptor is closed (which took it out of the
+            // epoll set) and its number may be reused: forget it.
+            if let Some(old) = self.polled_fd.take() {
+                let _ = poller.remove(old);
             }
+            self.generation = generation;
+            self.pending = None;
+            self.tap_broken = false;
+            self.tap_wanted = true;
+        }
+        let want = self.tap_wanted && !self.tap_broken && fd.is_some();
+        match (want, self.polled_fd, fd) {
+            (true, None, Some(fd)) => match poller.add(fd, TOKEN_TAP, EventSet::IN) {
+                Ok(()) => self.polled_fd = Some(fd),
+                Err(e) => {
+                    tracing::warn!("virtio-net: registering the tap: {e}; receiving stops");
+                    self.tap_broken = true;
+                }
+            },
+            (false, Some(old), _) => {
+                if let Err(e) = poller.remove(old) {
+                    tracing::warn!("virtio-net: unregistering the tap: {e}; receiving stops");
+                    self.tap_broken = true;
+                }
+                self.polled_fd = None;
+            }
+            _ => {}
         }
     }
 }
@@ -355,8 +440,11 @@ impl<T: TapIo + AsRawFd + 'static> DeviceWorker for NetWorker<T> {
     fn init(&mut self, poller: &Poller) -> io::Result<()> {
         poller.add(self.rx_event.as_raw_fd(), TOKEN_RX, EventSet::IN)?;
         poller.add(self.tx_event.as_raw_fd(), TOKEN_TX, EventSet::IN)?;
-        poller.add(self.tap.as_raw_fd(), TOKEN_TAP, EventSet::IN)?;
-        self.tap_polled = true;
+        poller.add(self.nic.changed().as_raw_fd(), TOKEN_CHANGED, EventSet::IN)?;
+        if let Some(fd) = self.nic.lock().tap.as_ref().map(|t| t.as_raw_fd()) {
+            poller.add(fd, TOKEN_TAP, EventSet::IN)?;
+            self.polled_fd = Some(fd);
+        }
         Ok(())
     }
 
@@ -365,31 +453,56 @@ impl<T: TapIo + AsRawFd + 'static> DeviceWorker for NetWorker<T> {
             TOKEN_RX => self.on_rx_notify(),
             TOKEN_TX => self.on_tx_notify(),
             TOKEN_TAP => self.on_tap_ready(events),
+            TOKEN_CHANGED => {
+                let _ = self.nic.changed().read();
+            }
             _ => {}
         }
         self.sync_tap(poller);
+        // A tap just attached may already hold frames; the edge was missed.
+        if token == TOKEN_CHANGED {
+            self.process_rx();
+            self.sync_tap(poller);
+        }
     }
 }
 
 /// The virtio-net device as the transport sees it.
 pub struct Net {
-    config: NetConfig,
-    tap: Tap,
+    mac: [u8; 6],
+    nic: SharedNic,
 }
 
 impl Net {
-    /// Opens (or creates) the tap of `config`.
+    /// Opens (or creates) the tap of `config`: attached for the VM's life.
     pub fn new(config: NetConfig) -> io::Result<Net> {
         let tap = Tap::open(&config.tap)?;
-        Ok(Net { config, tap })
+        Ok(Net { mac: config.mac, nic: Arc::new(NicSlot::new(Some(tap), Some(config.tap))?) })
+    }
+
+    /// NIC slot `index`: no tap, link down, until the control socket
+    /// attaches one.
+    pub fn slot(index: u8) -> io::Result<Net> {
+        Ok(Net { mac: slot_mac(index), nic: Arc::new(NicSlot::new(None, None)?) })
+    }
+
+    pub fn shared(&self) -> SharedNic {
+        self.nic.clone()
+    }
+
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
     }
 }
 
-/// The device configuration space: mac[6], then status (le16, link up).
-fn config_space(mac: &[u8; 6]) -> [u8; 8] {
+/// The device configuration space: mac[6], then status (le16: the link is
+/// up while a tap is attached).
+fn config_space(mac: &[u8; 6], link_up: bool) -> [u8; 8] {
     let mut c = [0u8; 8];
     c[..6].copy_from_slice(mac);
-    c[6..].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+    if link_up {
+        c[6..].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+    }
     c
 }
 
@@ -404,16 +517,16 @@ impl VirtioDevice for Net {
         VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_RING_F_EVENT_IDX
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        super::read_config_bytes(&config_space(&self.config.mac), offset, data)
+        let link_up = self.nic.lock().is_attached();
+        super::read_config_bytes(&config_space(&self.mac, link_up), offset, data)
     }
     fn activate(&mut self, a: Activation) -> Result<WorkerHandle, String> {
-        let tap = self.tap.try_clone().map_err(|e| format!("tap {}: {e}", self.config.tap))?;
         let (Ok([rx, tx]), Ok([rx_event, tx_event])) =
             (<[Queue; 2]>::try_from(a.queues), <[EventFd; 2]>::try_from(a.queue_events))
         else {
             return Err("virtio-net needs exactly two queues".into());
         };
-        let worker = NetWorker::new(tap, a.mem, rx, tx, rx_event, tx_event, a.interrupt);
+        let worker = NetWorker::with_slot(self.nic.clone(), a.mem, rx, tx, rx_event, tx_event, a.interrupt);
         worker::spawn("virtio-net", worker)
     }
 }
@@ -429,6 +542,7 @@ mod tests {
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     use crate::devices::virtio::tap::DatagramTap;
+    use crate::devices::virtio::worker::Poller;
 
     /// Queues of 512 entries, more than the per-wake-up budget.
     const QSIZE: u16 = 512;
@@ -710,10 +824,70 @@ mod tests {
     fn config_space_is_mac_then_link_up() {
         assert_eq!(rx_header(), [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
         let mut d = [0xffu8; 10];
-        super::super::read_config_bytes(&config_space(&[0x52, 0x54, 0, 1, 2, 3]), 0, &mut d);
+        super::super::read_config_bytes(&config_space(&[0x52, 0x54, 0, 1, 2, 3], true), 0, &mut d);
         assert_eq!(d, [0x52, 0x54, 0, 1, 2, 3, 1, 0, 0, 0]);
         let mut status = [0u8; 2];
-        super::super::read_config_bytes(&config_space(&[0; 6]), 6, &mut status);
+        super::super::read_config_bytes(&config_space(&[0; 6], true), 6, &mut status);
         assert_eq!(u16::from_le_bytes(status), VIRTIO_NET_S_LINK_UP);
+        super::super::read_config_bytes(&config_space(&[0; 6], false), 6, &mut status);
+        assert_eq!(u16::from_le_bytes(status), 0, "an empty slot's link is down");
+        assert_eq!(slot_mac(3), [0x02, 0x68, 0x65, 0, 0, 3]);
+    }
+
+    #[test]
+    fn a_slot_carries_frames_only_while_a_tap_is_attached() {
+        let mut r = Rig::new();
+        let slot = Arc::new(NicSlot::<DatagramTap>::new(None, None).unwrap());
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        r.worker = NetWorker::with_slot(
+            slot.clone(),
+            r.mem.clone(),
+            r.rxq.create_queue().unwrap(),
+            r.txq.create_queue().unwrap(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            interrupt,
+        );
+        let poller = Poller::new().unwrap();
+        r.worker.init(&poller).unwrap();
+        assert!(!r.worker.wants_tap() && r.worker.polled_fd.is_none(), "an empty slot polls no tap");
+        let f = frame(60, 2);
+        let send = |r: &Rig, first: u16| {
+            let at = BUF + 0x1000 * u64::from(first);
+            r.mem.write_slice(&f, GuestAddress(at + HDR_LEN as u64)).unwrap();
+            r.add(TXQ, first, &[descriptor(at, (HDR_LEN + 60) as u32, false, None)]);
+        };
+        // Link down: what the guest sends is returned and counted as dropped.
+        send(&r, 0);
+        r.worker.on_tx_notify();
+        assert_eq!(r.used(TXQ), vec![(0, 0)]);
+        assert_eq!(r.worker.stats().tx_dropped, 1);
+
+        let (guest, host) = UnixDatagram::pair().unwrap();
+        guest.set_nonblocking(true).unwrap();
+        host.set_nonblocking(true).unwrap();
+        slot.attach(DatagramTap(guest), "n1").unwrap();
+        r.worker.handle(TOKEN_CHANGED, EventSet::IN, &poller);
+        assert!(r.worker.polled_fd.is_some(), "the attached tap is polled");
+        assert_eq!(r.worker.stats(), NetStats::default(), "fresh counters for the attachment");
+        send(&r, 1);
+        r.worker.on_tx_notify();
+        let mut b = [0u8; 100];
+        assert_eq!(host.recv(&mut b).unwrap(), 60, "the frame reached the attached tap");
+        r.add(RXQ, 0, &rx_buffer(BUF2, 1526));
+        host.send(&frame(80, 4)).unwrap();
+        r.worker.handle(TOKEN_TAP, EventSet::IN, &poller);
+        assert_eq!(r.used(RXQ), vec![(0, (HDR_LEN + 80) as u32)]);
+        let s = r.worker.stats();
+        assert_eq!((s.tx_frames, s.tx_bytes, s.rx_frames, s.rx_bytes), (1, 60, 1, 80));
+
+        let (id, last) = slot.detach().unwrap();
+        assert_eq!((id.as_str(), last), ("n1", s));
+        r.worker.handle(TOKEN_CHANGED, EventSet::IN, &poller);
+        assert!(r.worker.polled_fd.is_none(), "a detached tap is no longer polled");
+        send(&r, 2);
+        r.worker.on_tx_notify();
+        assert_eq!(r.worker.stats().tx_dropped, 1, "sent after the detach: dropped");
+        assert!(host.recv(&mut b).is_err(), "nothing reaches a detached tap");
     }
 }

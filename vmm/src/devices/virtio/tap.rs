@@ -135,12 +135,59 @@ impl Tap {
         Ok(Tap { file, name: name.to_string() })
     }
 
+    /// Takes a tap descriptor opened by someone else (sent to the control
+    /// socket): it must be a tap bound to an interface, opened read-write
+    /// with IFF_TAP | IFF_NO_PI and without IFF_VNET_HDR, as [`Tap::open`]
+    /// opens one. It is made non-blocking (which the sender's descriptor
+    /// shares: it is one open file).
+    pub fn from_received(file: File) -> Result<Tap, String> {
+        // SAFETY: ifreq is plain data; all zeros is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        // SAFETY: TUNGETIFF writes one ifreq, which lives on this stack frame.
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNGETIFF, &mut ifr as *mut libc::ifreq) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return Err(format!(
+                "the descriptor is not a tap bound to an interface ({e}): open {TUN_PATH} and bind it with TUNSETIFF"
+            ));
+        }
+        // SAFETY: TUNGETIFF filled in the flags member of the union.
+        let flags = i32::from(unsafe { ifr.ifr_ifru.ifru_flags });
+        let name: String =
+            ifr.ifr_name.iter().take_while(|&&c| c != 0).map(|&c| char::from(c as u8)).collect::<String>();
+        if flags & libc::IFF_TAP == 0 {
+            return Err(format!("{name} is a tun device: attach a tap (IFF_TAP), which carries Ethernet frames"));
+        }
+        if flags & libc::IFF_NO_PI == 0 || flags & libc::IFF_VNET_HDR != 0 {
+            return Err(format!(
+                "the tap {name} was opened with packet information or a vnet header: open it with \
+                 IFF_TAP | IFF_NO_PI only (the device adds and strips the virtio-net header itself)"
+            ));
+        }
+        // SAFETY: F_GETFL / F_SETFL on a descriptor we own.
+        let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        if fl < 0 || fl & libc::O_ACCMODE != libc::O_RDWR {
+            return Err(format!("the tap {name} was not opened read-write: open it O_RDWR"));
+        }
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
+            return Err(format!("making the tap {name} non-blocking: {}", io::Error::last_os_error()));
+        }
+        Ok(Tap { file, name })
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
 
     pub fn try_clone(&self) -> io::Result<Tap> {
         Ok(Tap { file: self.file.try_clone()?, name: self.name.clone() })
+    }
+}
+
+impl std::os::fd::AsFd for Tap {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
     }
 }
 
@@ -194,6 +241,13 @@ mod tests {
         assert!(check_name("a/b").is_err());
         assert!(check_name("a b").is_err());
         assert!(check_name("..").is_err());
+    }
+
+    #[test]
+    fn a_received_descriptor_that_is_no_tap_is_refused() {
+        let file = File::open("/dev/null").unwrap();
+        let e = Tap::from_received(file).err().unwrap();
+        assert!(e.contains("not a tap"), "{e}");
     }
 
     #[test]
