@@ -34,6 +34,15 @@ busybox mount -t cgroup2 cgroup2 /newroot/sys/fs/cgroup 2>/dev/null
 busybox mkdir -p "/newroot$run"
 busybox mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 hearthrun "/newroot$run" || fail "cannot mount the run directory"
 busybox hostname hearth-testhost
+# QEMU's user-mode network: this machine's network, through QEMU's NAT. Its
+# resolver is whatever this machine's /etc/resolv.conf names (QEMU relays).
+busybox ip link set lo up
+if busybox ip link set eth0 up 2>/dev/null; then
+    busybox ip addr add 10.0.2.15/24 dev eth0
+    busybox ip route add default via 10.0.2.2
+else
+    echo "testhost: no eth0: suites that need the network will say so"
+fi
 echo "testhost: ready after $(busybox cut -d' ' -f1 /proc/uptime)s"
 busybox chroot /newroot /bin/sh -c "cd '$run' && exec /bin/sh ./run.sh" </dev/console >/dev/console 2>&1
 echo "$?" > "/newroot$run/status"

@@ -27,7 +27,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("e2fsprogs", "ext4 images for the guest's disks (mke2fs -d, debugfs)"),
     ("libseccomp-dev", "building virtiofsd, and libseccomp.a for the static hearth-agent"),
     ("libcap-ng-dev", "building virtiofsd"),
-    ("iproute2", "taps for virtio-net in the e2e suites"),
+    ("iproute2", "taps for virtio-net in the e2e suites; the shim's bridge and taps for the VM's network"),
+    ("nftables", "nft, with which the shim masquerades the VMs' network (docs/networking.md)"),
     ("mmdebstrap", "the Debian test image (docker.io/hearth/debian) and the distros, made as root from the mirror"),
     (
         "protobuf-compiler",

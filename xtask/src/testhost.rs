@@ -222,6 +222,10 @@ fn boot(assets: &Assets, run: &Run, dir: &Path) -> Result<bool> {
         .arg("-fsdev")
         .arg(format!("local,id=run,path={},security_model=none", dir.display()))
         .args(["-device", "virtio-9p-pci,fsdev=run,mount_tag=hearthrun"])
+        // A NIC on QEMU's user-mode network (10.0.2.15, gateway 10.0.2.2),
+        // so that what runs inside reaches this machine's package registry:
+        // the network suite's distros run apt-get through it.
+        .args(["-nic", "user,model=virtio-net-pci"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
