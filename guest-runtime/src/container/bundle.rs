@@ -81,6 +81,10 @@ pub fn prepare(bundles_dir: &Path, id: &str, mut spec: Spec, rootfs: &Rootfs) ->
             .build()
             .map_err(|e| AgentError::internal("building the spec's root", e))?;
         spec.set_root(Some(root));
+        let wants_resolv = spec.annotations().as_ref().and_then(|a| a.get(hearth_oci::ANNOTATION_RESOLV_CONF));
+        if wants_resolv.map(String::as_str) == Some("vm") && !readonly {
+            give_resolv_conf(&root_path, Path::new(crate::pid1::network::RESOLV_CONF))?;
+        }
         let mut linux = spec.linux().clone().unwrap_or_default();
         let cgroup_path = match linux.cgroups_path() {
             Some(p) if p.is_absolute() => p.clone(),
@@ -98,6 +102,27 @@ pub fn prepare(bundles_dir: &Path, id: &str, mut spec: Spec, rootfs: &Rootfs) ->
         let _ = std::fs::remove_dir_all(&dir);
     }
     result
+}
+
+/// Copies the VM's resolver configuration (`vm_resolv`) to the container
+/// root's /etc/resolv.conf, replacing what is there (a file, or a symlink
+/// such as systemd-resolved's, which is removed rather than followed). A
+/// VM without one (no network) leaves the root alone.
+fn give_resolv_conf(root: &Path, vm_resolv: &Path) -> Result<()> {
+    let Ok(text) = std::fs::read(vm_resolv) else { return Ok(()) };
+    let etc = root.join("etc");
+    let fail = |what: &str, e: std::io::Error| AgentError::internal(format!("{what} {}/resolv.conf", etc.display()), e);
+    if etc.symlink_metadata().map(|m| !m.is_dir()).unwrap_or(false) {
+        return Err(AgentError::InvalidArgument(format!("{} is not a directory", etc.display())));
+    }
+    std::fs::create_dir_all(&etc).map_err(|e| fail("creating the directory of", e))?;
+    let target = etc.join("resolv.conf");
+    match std::fs::remove_file(&target) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail("replacing", e)),
+    }
+    std::fs::write(&target, text).map_err(|e| fail("writing", e))
 }
 
 /// How long the agent waits for an attached disk to show up: the host's
@@ -211,6 +236,26 @@ mod tests {
         assert_eq!(find_disk(&sys, "r0123456789abcde"), None, "a prefix is not the serial");
         assert_eq!(find_disk(&sys, ""), None, "an empty slot is nobody's disk");
         std::fs::remove_dir_all(&sys).unwrap();
+    }
+
+    #[test]
+    fn the_vm_resolv_conf_replaces_a_symlink_in_the_root_without_following_it() {
+        let dir = std::env::temp_dir().join(format!("hearth-resolv-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let root = dir.join("root");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        let outside = dir.join("outside");
+        std::fs::write(&outside, "untouched").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("etc/resolv.conf")).unwrap();
+        let vm = dir.join("vm-resolv.conf");
+        std::fs::write(&vm, "nameserver 10.0.0.1\n").unwrap();
+        give_resolv_conf(&root, &vm).unwrap();
+        assert_eq!(std::fs::read_to_string(root.join("etc/resolv.conf")).unwrap(), "nameserver 10.0.0.1\n");
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "untouched");
+        // No VM resolv.conf (no network): the root is left alone.
+        give_resolv_conf(&root, &dir.join("none")).unwrap();
+        assert_eq!(std::fs::read_to_string(root.join("etc/resolv.conf")).unwrap(), "nameserver 10.0.0.1\n");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -202,6 +202,11 @@ impl Containers {
             }
         };
         let pid = lc.pid().map(|p| p.as_raw()).unwrap_or(0);
+        if pid > 0 {
+            if let Err(e) = crate::pid1::network::loopback_up_in(pid) {
+                tracing::warn!(container = id, "bringing loopback up in its network namespace: {e}");
+            }
+        }
         if let Err(e) = session.attach_terminal() {
             tracing::warn!(container = id, "terminal: {e}");
         }

@@ -20,6 +20,8 @@ pub struct BootParams {
     /// `ADDR/PREFIX` for eth0.
     pub ip: Option<String>,
     pub gateway: Option<String>,
+    /// Resolvers for /etc/resolv.conf, comma-separated.
+    pub dns: Option<String>,
     /// A tracing filter (`info`, `debug`, ...).
     pub log: Option<String>,
 }
@@ -34,6 +36,7 @@ impl BootParams {
                 "hearth.time" => p.time = v.parse().ok(),
                 "hearth.ip" => p.ip = Some(v.to_string()),
                 "hearth.gw" => p.gateway = Some(v.to_string()),
+                "hearth.dns" => p.dns = Some(v.to_string()),
                 "hearth.log" => p.log = Some(v.to_string()),
                 _ => {}
             }

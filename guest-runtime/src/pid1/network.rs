@@ -1,5 +1,7 @@
 //! The VM's network: loopback always; eth0 with the address and gateway on
-//! the command line (`hearth.ip=ADDR/PREFIX hearth.gw=GW`) when given.
+//! the command line (`hearth.ip=ADDR/PREFIX hearth.gw=GW`) when given, and
+//! /etc/resolv.conf naming the resolvers of `hearth.dns=NS[,NS..]` (the
+//! shim passes the host's: docs/networking.md).
 //! Done with the classic interface ioctls: three calls do not justify a
 //! netlink stack in PID 1.
 
@@ -93,7 +95,61 @@ pub fn bring_up(params: &BootParams) -> io::Result<()> {
         ioctl(&sock, libc::SIOCADDRT, &mut rt as *mut _ as *mut _, "adding the default route")?;
     }
     tracing::info!(%addr, %mask, gateway = ?params.gateway, "eth0 up");
+    if let Some(dns) = &params.dns {
+        let text = resolv_conf(dns)?;
+        std::fs::create_dir_all("/etc")?;
+        std::fs::write(RESOLV_CONF, text)?;
+    }
     Ok(())
+}
+
+/// Brings loopback up in the network namespace of process `pid` (a
+/// container's init, created and not started), as runc does for a
+/// container given a network namespace of its own: libcontainer leaves its
+/// `lo` down, and programs that talk to 127.0.0.1 would fail. Nothing is
+/// done for a process in the agent's own namespace. The work runs on a
+/// thread of its own, which alone enters the namespace and then ends.
+pub fn loopback_up_in(pid: i32) -> io::Result<()> {
+    let theirs = std::fs::metadata(format!("/proc/{pid}/ns/net"))?;
+    let ours = std::fs::metadata("/proc/self/ns/net")?;
+    use std::os::unix::fs::MetadataExt;
+    if (theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()) {
+        return Ok(());
+    }
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    std::thread::spawn(move || -> io::Result<()> {
+        // SAFETY: setns on a namespace descriptor we own; it changes only
+        // this thread, which ends below.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: socket(2) returns a new descriptor or -1.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        set_up(&sock, "lo")
+    })
+    .join()
+    .map_err(|_| io::Error::other("the loopback thread panicked"))?
+}
+
+/// The VM's resolver configuration, which containers sharing the VM's
+/// network (distros) get a copy of.
+pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// resolv.conf for the comma-separated IPv4 resolvers of `hearth.dns=`.
+pub fn resolv_conf(dns: &str) -> io::Result<String> {
+    let mut text = String::from("# Written by hearth at the VM's boot: the host's resolvers (hearth.dns=).\n");
+    for ns in dns.split(',').filter(|s| !s.is_empty()) {
+        let addr: Ipv4Addr = ns.parse().map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("hearth.dns: {ns:?} is not an IPv4 address"))
+        })?;
+        text.push_str(&format!("nameserver {addr}\n"));
+    }
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -111,5 +167,12 @@ mod tests {
         for bad in ["1.2.3.4", "1.2.3/24", "1.2.3.4/33", "x/1"] {
             assert!(parse_cidr(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn resolvers_become_nameserver_lines() {
+        let text = resolv_conf("10.0.0.1,192.168.1.1").unwrap();
+        assert!(text.ends_with("nameserver 10.0.0.1\nnameserver 192.168.1.1\n"), "{text}");
+        assert!(resolv_conf("10.0.0.1,evil\nsearch x").is_err(), "only addresses get in");
     }
 }
