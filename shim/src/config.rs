@@ -54,6 +54,13 @@ pub struct Config {
     /// Where the disk images that containers may run on (annotation
     /// `io.hearth.rootfs.disk`) must lie.
     pub disk_images_dir: PathBuf,
+    /// The VM's own network: `nat` (to the host's network through a bridge,
+    /// docs/networking.md) or `off` (loopback only).
+    pub network: crate::network::NetMode,
+    /// The VMs' subnet; the bridge takes its first address.
+    pub network_subnet: String,
+    /// The host bridge the VMs' taps join.
+    pub network_bridge: String,
 }
 
 impl Default for Config {
@@ -74,6 +81,9 @@ impl Default for Config {
             console_log_max_kib: 32 << 10,
             disk_slots: 4,
             disk_images_dir: "/var/lib/hearth/disks".into(),
+            network: crate::network::NetMode::Nat,
+            network_subnet: "10.89.0.0/24".into(),
+            network_bridge: "hearth0".into(),
         }
     }
 }
@@ -118,6 +128,11 @@ impl Config {
                 "disk_slots must be at most 12 (have {}): the VM has 19 interrupt lines for all its devices",
                 self.disk_slots
             );
+        }
+        if self.network == crate::network::NetMode::Nat {
+            crate::network::Subnet::parse(&self.network_subnet)?;
+            hearth_vmm::devices::virtio::tap::check_name(&self.network_bridge)
+                .map_err(|e| anyhow::anyhow!("network_bridge: {e}"))?;
         }
         if self.memory_mib < 128 || self.vcpus == 0 {
             anyhow::bail!(

@@ -19,6 +19,7 @@ pub mod disk;
 pub mod io;
 pub mod logging;
 pub mod metrics;
+pub mod network;
 pub mod record;
 pub mod share;
 pub mod shim;

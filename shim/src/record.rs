@@ -31,6 +31,10 @@ pub struct VmRecord {
     /// of shims from before it.
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
+    /// The VM's network, `ADDR/PREFIX via BRIDGE` (docs/networking.md);
+    /// None with `network = "off"` and in older records.
+    #[serde(default)]
+    pub network: Option<String>,
 }
 
 impl VmRecord {
@@ -99,6 +103,7 @@ mod tests {
                 vsock: "/v".into(),
                 console: "/c".into(),
                 api_socket: Some("/a".into()),
+                network: Some("10.89.0.2/24 via hearth0".into()),
             };
             r.write(&dir).unwrap();
             r

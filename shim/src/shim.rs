@@ -122,6 +122,7 @@ impl containerd_shim::Shim for HearthShim {
             let _ = nix::mount::umount2(rootfs, nix::mount::MntFlags::MNT_DETACH);
         }
         crate::vm::reap_orphans(&self.cfg.state_dir);
+        crate::network::teardown_stale(&self.cfg.network_bridge);
         log::info!("cleaned up after container {} in {}", self.id, self.namespace);
         let mut r = DeleteResponse::new();
         r.exit_status = 137;

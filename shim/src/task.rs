@@ -255,6 +255,7 @@ impl Service {
             vsock: vm.vsock.clone(),
             console: vm.dir.join(crate::vm::JAIL).join("console.log"),
             api_socket: Some(vm.dir.join(crate::vm::JAIL).join(crate::vm::API_SOCKET)),
+            network: vm.network.clone(),
         };
         if let Err(e) = record.write(&vm.dir) {
             log::warn!("writing the VM's record in {}: {e:#}", vm.dir.display());

@@ -18,6 +18,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -31,6 +32,7 @@ use std::os::unix::process::CommandExt;
 
 use crate::cgroup::{self, VmCgroup};
 use crate::config::Config;
+use crate::network::VmNetwork;
 use crate::share::{remove_tree, Share};
 
 /// Where the shared directory appears in the guest.
@@ -56,6 +58,12 @@ pub struct Vm {
     pub boot_id: String,
     /// hearth-vmm's own cgroup (None on a cgroup v1 host).
     pub cgroup: Option<VmCgroup>,
+    /// The VM's network as `hearth status` shows it (None when off).
+    pub network: Option<String>,
+    /// Its lease and host side, released by whichever comes first: the
+    /// thread that sees hearth-vmm end, or [`Vm::cleanup`] (an idle shim
+    /// exits right after it, before that thread may run).
+    net: Arc<Mutex<Option<VmNetwork>>>,
 }
 
 pub fn ctx(secs: i64) -> ttrpc::context::Context {
@@ -104,7 +112,14 @@ impl Vm {
         let vsock = jail.join("vsock.sock");
         let console = jail.join("console.log");
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        let cmdline = format!("hearth.time={now} {}", cfg.extra_cmdline);
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        // The VM's address, leased until hearth-vmm ends (the thread that
+        // waits for it drops the lease, or this function if it fails first).
+        let network = VmNetwork::reserve(cfg.network, &cfg.network_subnet, &cfg.network_bridge, &name)
+            .context("hearth's VM network (set network = \"off\" in the shim's config to run without)")?;
+        let net_cmdline = network.as_ref().map(|n| n.cmdline()).unwrap_or_default();
+        let network = Arc::new(Mutex::new(network));
+        let cmdline = format!("hearth.time={now} {net_cmdline} {}", cfg.extra_cmdline);
         let mut cmd = Command::new(&cfg.vmm);
         cmd.arg("--kernel")
             .arg(&cfg.kernel)
@@ -129,6 +144,8 @@ impl Vm {
             .arg(jail.join(API_SOCKET))
             .arg("--disk-slots")
             .arg(cfg.disk_slots.to_string())
+            .arg("--nic-slots")
+            .arg(if network.lock().unwrap().is_some() { "1" } else { "0" })
             .arg("--jail")
             .arg(&jail)
             .args(["--cmdline", cmdline.trim()])
@@ -139,7 +156,6 @@ impl Vm {
             cmd.env("HEARTH_VIRTIOFSD", v);
         }
         // Its own cgroup, joined before it runs (virtiofsd follows it).
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         match VmCgroup::create(Path::new(cgroup::ROOT), &name)
             .and_then(|c| c.map(|c| c.procs().map(|fd| (c, fd))).transpose())
         {
@@ -160,12 +176,16 @@ impl Vm {
         std::mem::forget(child); // reaped by the shim's reaper
         let console_for_exit = console.clone();
         let cgroup_for_exit = undo.cgroup.clone();
+        let network_for_exit = network.clone();
         std::thread::spawn(move || {
             let code = wait_pid(pid, sub);
             // What is left in the VM's cgroup (virtiofsd, dying with it) goes too.
             if let Some(c) = cgroup_for_exit {
                 c.kill_and_remove(Duration::from_secs(5));
             }
+            // Its tap went with it; its address, and with the last VM the
+            // bridge and the NAT rules, go now.
+            drop(network_for_exit.lock().unwrap_or_else(|p| p.into_inner()).take());
             on_exit(code, tail(&console_for_exit, 30));
         });
         tracing_log(&format!("booting the utility VM (hearth-vmm pid {pid}) in {}", dir.display()));
@@ -182,6 +202,14 @@ impl Vm {
             };
             agent.mount(ctx(60), &mount_req).with_context(|| format!("mounting {target} in the guest"))?;
         }
+        let api = hearth_vmm::api::Client::new(jail.join(API_SOCKET));
+        let mut net_summary = None;
+        if let Some(n) = network.lock().unwrap().as_ref() {
+            n.attach(&api)
+                .context("hearth's VM network (set network = \"off\" in the shim's config to run without)")?;
+            tracing_log(&format!("the VM's network: {} on {}, tap {}", n.addr, cfg.network_bridge, n.tap));
+            net_summary = Some(n.summary());
+        }
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
         let _ = agent.sync_time(ctx(10), &SyncTimeRequest { unix_nanos: nanos, ..Default::default() });
         let boot_id = agent.health(ctx(10), &Empty::new())?.boot_id;
@@ -190,8 +218,19 @@ impl Vm {
         let shared = undo.shares.pop().expect("two shares");
         let cgroup = undo.cgroup.take();
         std::mem::forget(undo);
-        let api = hearth_vmm::api::Client::new(jail.join(API_SOCKET));
-        Ok(Vm { dir: dir.to_path_buf(), shared, roots, vsock, agent, api, vmm_pid: pid, boot_id, cgroup })
+        Ok(Vm {
+            dir: dir.to_path_buf(),
+            shared,
+            roots,
+            vsock,
+            agent,
+            api,
+            vmm_pid: pid,
+            boot_id,
+            cgroup,
+            network: net_summary,
+            net: network,
+        })
     }
 
     /// Asks the agent to stop everything and power off; kills the VMM if it
@@ -225,6 +264,7 @@ impl Vm {
         if let Some(c) = &self.cgroup {
             c.kill_and_remove(Duration::from_secs(5));
         }
+        drop(self.net.lock().unwrap_or_else(|p| p.into_inner()).take());
         self.shared.teardown();
         self.roots.teardown();
         if let Err(e) = remove_tree(&self.dir) {

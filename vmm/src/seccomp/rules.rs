@@ -280,7 +280,7 @@ fn api() -> Rules {
     // received descriptor made close-on-exec; a tap made non-blocking.
     add(&mut r, libc::SYS_fcntl, arg32_in(1, &[libc::F_GETFL as u64, libc::F_SETFD as u64, libc::F_SETFL as u64]));
     // attach-nic: that the descriptor is a tap, and how it was opened.
-    add(&mut r, libc::SYS_ioctl, arg_in(1, &[libc::TUNGETIFF as u64]));
+    add(&mut r, libc::SYS_ioctl, arg_in(1, &[libc::TUNGETIFF]));
     // pause: pthread_kill(SIGRTMIN) interrupts KVM_RUN.
     add(&mut r, libc::SYS_tgkill, arg32_in(2, &[libc::SIGRTMIN() as u64]));
     r
