@@ -132,6 +132,19 @@ impl Status {
             guest_text(&h.boot_id),
             r.console.display(),
         );
+        let nic = match &self.vmm {
+            Some(Ok(info)) => info.nics.iter().find(|n| n.link_up),
+            _ => None,
+        };
+        match (&r.network, nic) {
+            (Some(net), Some(n)) => out.push_str(&format!(
+                "network:    {net} (NAT), received {} MiB, sent {} MiB\n",
+                mib(n.stats.rx_bytes),
+                mib(n.stats.tx_bytes)
+            )),
+            (Some(net), None) => out.push_str(&format!("network:    {net} (NAT)\n")),
+            (None, _) => out.push_str("network:    off (loopback only)\n"),
+        }
         match &self.vmm {
             Some(Ok(info)) => out.push_str(&vmm_lines(info)),
             Some(Err(e)) => out.push_str(&format!("vmm:        control socket unavailable: {e}\n")),

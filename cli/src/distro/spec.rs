@@ -7,8 +7,12 @@
 //! are in theirs: the VM is the isolation boundary from the host, and
 //! Docker-class workloads need every capability, no seccomp filter, the
 //! whole of /proc and a writable cgroup tree. It still gets namespaces of
-//! its own (pid, mount, network, ipc, uts, cgroup), so distros do not see
-//! each other, and its own cgroup, delegated to its systemd.
+//! its own (pid, mount, ipc, uts, cgroup), so distros do not see each
+//! other's processes and files, and its own cgroup, delegated to its
+//! systemd. Its network is the VM's, as WSL's distributions share their
+//! VM's: the VM's NAT network out, the host's resolvers (the annotation
+//! below has the agent write them into its /etc/resolv.conf at each start),
+//! and one set of ports for all distros (docs/networking.md).
 
 use std::path::Path;
 
@@ -136,10 +140,10 @@ impl DistroSpec<'_> {
             "root": {"path": "rootfs", "readonly": false},
             "hostname": self.name,
             "mounts": mounts,
-            "annotations": {"io.hearth.distro": self.name},
+            "annotations": {"io.hearth.distro": self.name, (hearth_oci::ANNOTATION_RESOLV_CONF): "vm"},
             "linux": {
                 "namespaces": [
-                    {"type": "pid"}, {"type": "mount"}, {"type": "network"},
+                    {"type": "pid"}, {"type": "mount"},
                     {"type": "ipc"}, {"type": "uts"}, {"type": "cgroup"},
                 ],
                 "devices": [
