@@ -138,6 +138,19 @@ fn a_debian_distro_through_its_life() {
     );
     assert_eq!(fuse, "fuse-bytes\n1\n");
 
+    // The VM's network, which the distro shares (docs/networking.md): an
+    // address on the VM's subnet and the host's resolvers, written by hearth.
+    let net = h.sh(
+        "debian",
+        "head -n 1 /etc/resolv.conf; getent hosts deb.debian.org >/dev/null && echo resolved; \
+         ip -4 -o addr show eth0 | awk '{print $4}'",
+    );
+    let net: Vec<&str> = net.lines().collect();
+    assert_eq!(net.len(), 3, "{net:?}");
+    assert!(net[0].starts_with("# Written by hearth"), "the distro's resolv.conf: {net:?}");
+    assert_eq!(net[1], "resolved", "{net:?}");
+    assert!(net[2].starts_with("10.89.0."), "the VM's address: {net:?}");
+
     // overlayfs, with a lower layer on the distro's own root filesystem.
     let overlay = h.sh(
         "debian",
@@ -202,6 +215,7 @@ fn a_debian_distro_through_its_life() {
         status.contains("memory:") && status.contains("debian") && status.contains("distros running: debian"),
         "{status}"
     );
+    assert!(status.contains("network:    10.89.0."), "{status}");
     // hearth-vmm's own view, through its control socket: the distro's disk.
     assert!(status.contains("vmm:        running, disk slots 1 in use of 4"), "{status}");
 

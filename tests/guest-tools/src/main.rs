@@ -16,6 +16,9 @@
 //!   connected=A refused=B` (the escape suite: the VMM's connection cap).
 //! - `hog MIB`: allocates and dirties MIB MiB, to get OOM-killed in a
 //!   memory-limited container (see `hog`).
+//! - `tcp-echo PORT`: listens on TCP port PORT (all addresses) and echoes
+//!   every connection until its end, one at a time, forever (the network
+//!   suite: the host reaches a server in the VM).
 
 mod fuse_hello;
 mod hog;
@@ -235,6 +238,16 @@ fn stdio_impostor(cid: u32, port: u32) -> std::io::Result<()> {
     Ok(())
 }
 
+fn tcp_echo(port: u16) -> std::io::Result<()> {
+    let listener = std::net::TcpListener::bind(("0.0.0.0", port))?;
+    for conn in listener.incoming() {
+        let mut conn = conn?;
+        let mut back = conn.try_clone()?;
+        let _ = std::io::copy(&mut conn, &mut back);
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let num = |i: usize| args.get(i).and_then(|s| s.parse::<usize>().ok());
@@ -263,6 +276,10 @@ fn main() -> ExitCode {
             (Some(cid), Some(port)) => stdio_impostor(cid as u32, port as u32),
             _ => Err(std::io::Error::other("usage: stdio-impostor CID PORT")),
         },
+        Some("tcp-echo") => match num(2) {
+            Some(port) => tcp_echo(port as u16),
+            _ => Err(std::io::Error::other("usage: tcp-echo PORT")),
+        },
         Some("hog") => match num(2) {
             Some(mib) => hog::run(mib),
             _ => Err(std::io::Error::other("usage: hog MIB")),
@@ -272,7 +289,7 @@ fn main() -> ExitCode {
             _ => Err(std::io::Error::other("usage: time-runs N LABEL -- COMMAND...")),
         },
         _ => Err(std::io::Error::other(
-            "usage: hearth-guest-tool vsock-echo-server|vsock-echo-client|vsock-sink|vsock-flood|stdio-impostor|fuse-hello|hog|time-runs ...",
+            "usage: hearth-guest-tool vsock-echo-server|vsock-echo-client|vsock-sink|vsock-flood|stdio-impostor|fuse-hello|hog|tcp-echo|time-runs ...",
         )),
     };
     match result {

@@ -1,0 +1,193 @@
+//! e2e suite `network`: the utility VM on the network (docs/networking.md),
+//! through containerd and `ctr` with the hearth runtime, in the test host,
+//! whose own NIC is on QEMU's user-mode network (this machine's network).
+//!
+//! What is checked is what a user sees: an address on the VM's subnet, a
+//! name that resolves, `apt-get update` against the package registry this
+//! machine uses, a server in the VM reached from the host, loopback only in
+//! a container with a network namespace of its own; and on the host, the
+//! bridge, the tap and the NAT rules while the VM runs, and none of them
+//! (nor a lease, nor forwarding turned on) once it is gone.
+
+use std::process::Command;
+use std::time::Duration;
+
+use hearth_e2e::containerd::{text, wait_until, Containerd, IMAGE, RUNTIME};
+use hearth_e2e::{Env, Scratch, DEBIAN_IMAGE};
+
+const BRIDGE: &str = "hearth0";
+
+/// Prints the network interfaces backed by a device (a NIC; the kernel's
+/// own sit0 and dummy0 are not), and those with an IPv4 address.
+const NICS_AND_ADDRESSES: &str = "echo nics: $(ls -d /sys/class/net/*/device 2>/dev/null | cut -d/ -f5); \
+     echo addresses: $(ip -4 -o addr show | awk '{print $2}')";
+
+fn host_out(args: &[&str]) -> String {
+    let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The taps on this host that hearth made (`hth` + 8 hex digits).
+fn hearth_taps() -> Vec<String> {
+    std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("hth") && n.len() == 11)
+        .collect()
+}
+
+/// Whether this test host reaches the package registry at all: if not, the
+/// test fails saying so (rather than passing without having tried).
+fn registry_reachable() -> Result<(), String> {
+    let o = Command::new("timeout")
+        .args(["30", "busybox", "wget", "-q", "-O", "/dev/null", "http://deb.debian.org/debian/dists/bookworm/Release"])
+        .output()
+        .unwrap();
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the test host itself cannot fetch from deb.debian.org ({}): the machine's network or QEMU's \
+             user-mode network is down, so the VM's NAT cannot be tested",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))
+    }
+}
+
+/// A container sharing the VM's network (`--net-host`, which also gives it
+/// the host's resolv.conf) gets an address on the VM's subnet, resolves the
+/// package registry's name and runs `apt-get update` against it, and
+/// reaches a server on the host's bridge address; the host reaches a server
+/// in the VM. A container with a network namespace of its own sees only
+/// loopback. While the VM runs the host has the bridge, one tap on it and
+/// the NAT table; once it idled out, none of them, no lease, and IPv4
+/// forwarding as it was.
+#[test]
+fn the_vm_reaches_the_network_through_nat_and_leaves_nothing_behind() {
+    registry_reachable().unwrap_or_else(|e| panic!("{e}"));
+    let env = Env::get();
+    let scratch = Scratch::new("network-nat");
+    let forwarding_before = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+    let c = Containerd::start(&env, &scratch, 3);
+
+    // A server in the VM: the host reaches it at the VM's address.
+    c.ok(&["run", "-d", "--net-host", "--runtime", RUNTIME, IMAGE, "server", "hearth-guest-tool", "tcp-echo", "7070"]);
+    let addr = c.ok(&["task", "exec", "--exec-id", "a", "server", "sh", "-c", "ip -4 -o addr show eth0"]);
+    let vm_ip = addr
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .unwrap_or_else(|| panic!("no IPv4 address on the VM's eth0: {addr:?}"))
+        .to_string();
+    assert!(vm_ip.starts_with("10.89.0."), "the VM's address is on the default subnet: {vm_ip}");
+    let stream = {
+        use std::io::{Read, Write};
+        let mut got = None;
+        for _ in 0..50 {
+            if let Ok(mut s) = std::net::TcpStream::connect((vm_ip.as_str(), 7070)) {
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                s.write_all(b"through the bridge\n").unwrap();
+                let mut buf = [0u8; 19];
+                s.read_exact(&mut buf).unwrap();
+                got = Some(String::from_utf8_lossy(&buf).into_owned());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        got
+    };
+    assert_eq!(stream.as_deref(), Some("through the bridge\n"), "the host reaches a server in the VM at {vm_ip}");
+
+    // The host side while the VM runs.
+    let bridge = host_out(&["ip", "-4", "-o", "addr", "show", "dev", BRIDGE]);
+    assert!(bridge.contains("10.89.0.1/24"), "the bridge holds the gateway address: {bridge:?}");
+    let taps = hearth_taps();
+    assert_eq!(taps.len(), 1, "one tap for the one VM: {taps:?}");
+    let master = std::fs::read_link(format!("/sys/class/net/{}/master", taps[0])).unwrap();
+    assert!(master.ends_with(BRIDGE), "the tap is a port of the bridge: {master:?}");
+    let rules = host_out(&["nft", "list", "table", "ip", "hearth"]);
+    assert!(rules.contains("masquerade"), "the NAT rules: {rules}");
+
+    // Out through the NAT: a name, and the package registry with apt.
+    c.ok(&["images", "import", &env.debian_image.display().to_string()]);
+    let o = c.ctr(&[
+        "run",
+        "--rm",
+        "--net-host",
+        "--runtime",
+        RUNTIME,
+        DEBIAN_IMAGE,
+        "apt",
+        "sh",
+        "-c",
+        // One small suite of the registry (bookworm-updates: its lists are
+        // kilobytes), so that the test measures the path, not the emulated
+        // download of bookworm's 9 MB package list.
+        "getent hosts deb.debian.org && \
+         echo 'deb http://deb.debian.org/debian bookworm-updates main' > /tmp/hearth.list && \
+         timeout 240 apt-get update -o Dir::Etc::sourcelist=/tmp/hearth.list -o Dir::Etc::sourceparts=- \
+             -o Acquire::Retries=2 2>&1 | tail -n 3",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "apt-get update in the VM: {}", text(&o));
+    assert!(out.contains("deb.debian.org"), "the name resolved: {out}");
+    assert!(out.contains("Reading package lists"), "apt-get update read its lists: {out}");
+    assert!(!out.contains("Err:") && !out.contains("Failed to fetch"), "apt-get update failed: {out}");
+    hearth_e2e::figure(&format!("apt-get update in the VM through its NAT: ok ({})", out.lines().last().unwrap_or("")));
+
+    // The host's bridge address from inside the VM (the gateway).
+    let o = c.run("ping", &["--net-host"], &["sh", "-c", "ping -c 2 -W 10 10.89.0.1 >/dev/null && echo reached"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "reached\n", "{}", text(&o));
+
+    // A network namespace of its own (no path, as runc gives): loopback only.
+    let o = c.run("isolated", &[], &["sh", "-c", NICS_AND_ADDRESSES]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "nics:\naddresses: lo\n", "{}", text(&o));
+
+    c.ok(&["task", "kill", "-s", "SIGKILL", "server"]);
+    wait_until("the server exited", Duration::from_secs(60), || {
+        !c.ok(&["task", "ls"]).lines().any(|l| l.starts_with("server ") && l.contains("RUNNING"))
+    });
+    c.ok(&["task", "rm", "server"]);
+    c.ok(&["containers", "rm", "server"]);
+    wait_until("the VM idled out", Duration::from_secs(120), || c.vmm_pids().is_empty());
+    wait_until("the VM network torn down", Duration::from_secs(30), || {
+        !std::path::Path::new("/sys/class/net").join(BRIDGE).exists()
+    });
+    assert!(hearth_taps().is_empty(), "taps left: {:?}", hearth_taps());
+    let tables = host_out(&["nft", "list", "tables"]);
+    assert!(!tables.contains("hearth"), "the NAT table is left: {tables}");
+    let leases: Vec<_> =
+        std::fs::read_dir("/run/hearth/net/leases").into_iter().flatten().flatten().map(|e| e.path()).collect();
+    assert!(leases.is_empty(), "leases left: {leases:?}");
+    assert_eq!(std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap(), forwarding_before);
+}
+
+/// `network = "off"`: the VM has no NIC and nothing is made on the host.
+#[test]
+fn with_the_network_off_the_vm_has_loopback_only_and_the_host_is_untouched() {
+    let env = Env::get();
+    let scratch = Scratch::new("network-off");
+    let c = Containerd::start_with(&env, &scratch, "idle_timeout_secs = 3\nnetwork = \"off\"\n");
+    let o = c.run("off", &["--net-host"], &["sh", "-c", NICS_AND_ADDRESSES]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "nics:\naddresses: lo\n", "{}", text(&o));
+    assert!(!std::path::Path::new("/sys/class/net").join(BRIDGE).exists(), "a bridge was made");
+    assert!(hearth_taps().is_empty(), "taps: {:?}", hearth_taps());
+}
+
+/// A subnet that the host already uses elsewhere is refused with the fix,
+/// and the next container (after the config is fixed) runs.
+#[test]
+fn a_subnet_the_host_already_uses_is_refused_with_its_fix() {
+    let env = Env::get();
+    let scratch = Scratch::new("network-clash");
+    let _clash = hearth_e2e::TapDevice::new("hearthclash0", "10.99.0.1/24");
+    let c = Containerd::start_with(&env, &scratch, "idle_timeout_secs = 3\nnetwork_subnet = \"10.99.0.0/24\"\n");
+    let o = c.run("clash", &[], &["true"]);
+    let all = text(&o);
+    assert!(!o.status.success(), "{all}");
+    assert!(all.contains("already used on this host by hearthclash0"), "{all}");
+    assert!(all.contains("network_subnet"), "the error names the setting to change: {all}");
+    assert!(!std::path::Path::new("/sys/class/net").join(BRIDGE).exists(), "a bridge was left");
+}
