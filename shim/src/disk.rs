@@ -70,10 +70,7 @@ pub fn open(images_dir: &Path, image: &str) -> Result<File> {
 
 /// `e2fsck -p`: repairs what is safe to repair, refuses a damaged image.
 fn check(path: &Path) -> Result<()> {
-    let out = std::process::Command::new("e2fsck")
-        .arg("-p")
-        .arg(path)
-        .output()
+    let out = crate::tool::output(std::process::Command::new("e2fsck").arg("-p").arg(path))
         .context("running e2fsck (package e2fsprogs) to check the disk image")?;
     match out.status.code() {
         Some(0) => Ok(()),

@@ -278,7 +278,7 @@ fn global_lock() -> Result<File> {
 }
 
 fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| {
+    let out = crate::tool::output(cmd).with_context(|| {
         format!(
             "running {:?} (hearth's VM network needs iproute2 and nftables: `apt-get install iproute2 nftables`)",
             cmd.get_program()
@@ -341,17 +341,11 @@ fn ensure_host_side(subnet: &Subnet, bridge: &str) -> Result<()> {
          \t}}\n\
          }}\n"
     );
-    let mut nft = Command::new("nft");
-    nft.args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = nft.spawn().context("running nft (install nftables: `apt-get install nftables`)")?;
-    {
-        use std::io::Write;
-        child.stdin.take().expect("piped").write_all(rules.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
+    let file = Path::new(RUN_DIR).join("rules.nft");
+    std::fs::write(&file, &rules).with_context(|| format!("writing {}", file.display()))?;
+    let out = crate::tool::output(Command::new("nft").arg("-f").arg(&file))
+        .context("running nft (install nftables: `apt-get install nftables`)")?;
+    let _ = std::fs::remove_file(&file);
     if !out.status.success() {
         bail!(
             "nft could not load hearth's NAT rules: {} (are nf_tables and nft_masq available? `modprobe nft_masq`)",
