@@ -145,6 +145,20 @@ impl Status {
             (Some(net), None) => out.push_str(&format!("network:    {net} (NAT)\n")),
             (None, _) => out.push_str("network:    off (loopback only)\n"),
         }
+        if let Some(path) = &r.ports_file {
+            let ports: containerd_shim_hearth_v2::forward::Ports =
+                std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+            let list = |v: &[u16]| v.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
+            let mut line = format!("ports:      forwarded to the host's 127.0.0.1: {}", list(&ports.forwarded));
+            if ports.forwarded.is_empty() {
+                line = "ports:      forwarded to the host's 127.0.0.1: none listening".into();
+            }
+            if !ports.taken.is_empty() {
+                line.push_str(&format!("; taken on the host, not forwarded: {}", list(&ports.taken)));
+            }
+            out.push_str(&line);
+            out.push('\n');
+        }
         match &self.vmm {
             Some(Ok(info)) => out.push_str(&vmm_lines(info)),
             Some(Err(e)) => out.push_str(&format!("vmm:        control socket unavailable: {e}\n")),

@@ -14,6 +14,7 @@
 
 pub mod container;
 pub mod error;
+pub mod forward;
 pub mod pid1;
 pub mod reaper;
 pub mod service;
@@ -110,6 +111,12 @@ pub fn serve(opts: Options) -> anyhow::Result<()> {
         .set_thread_count_max(256);
     server.start().with_context(|| format!("serving on {addr}"))?;
     tracing::info!(%addr, mode = mode.name(), "hearth-agent serving");
+    if let Listen::Vsock(_) = &opts.listen {
+        // Failing to relay costs localhost forwarding, not the agent.
+        if let Err(e) = forward::spawn_relay() {
+            tracing::warn!("localhost forwarding relay: {e}");
+        }
+    }
 
     let mut signals = signal_hook::iterator::Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGPWR])?;
     for sig in signals.forever() {

@@ -129,6 +129,10 @@ impl Agent for AgentService {
         Ok(system::health(self.mode.name()))
     }
 
+    fn listening_ports(&self, _: &TtrpcContext, _: Empty) -> R<ListeningPortsResponse> {
+        Ok(ListeningPortsResponse { tcp: crate::forward::listening_ports(), ..Default::default() })
+    }
+
     fn sync_time(&self, _: &TtrpcContext, req: SyncTimeRequest) -> R<Empty> {
         log_err("SyncTime", system::set_time(req.unix_nanos))?;
         Ok(Empty::new())

@@ -61,6 +61,9 @@ pub struct Config {
     pub network_subnet: String,
     /// The host bridge the VMs' taps join.
     pub network_bridge: String,
+    /// Forward each TCP port that listens in the VM's network (distros,
+    /// containers sharing it) to the same port on the host's 127.0.0.1.
+    pub localhost_forwarding: bool,
 }
 
 impl Default for Config {
@@ -84,6 +87,7 @@ impl Default for Config {
             network: crate::network::NetMode::Nat,
             network_subnet: "10.89.0.0/24".into(),
             network_bridge: "hearth0".into(),
+            localhost_forwarding: true,
         }
     }
 }

@@ -16,6 +16,7 @@
 pub mod cgroup;
 pub mod config;
 pub mod disk;
+pub mod forward;
 pub mod io;
 pub mod logging;
 pub mod metrics;
@@ -24,4 +25,5 @@ pub mod record;
 pub mod share;
 pub mod shim;
 pub mod task;
+pub mod tool;
 pub mod vm;

@@ -35,6 +35,10 @@ pub struct VmRecord {
     /// None with `network = "off"` and in older records.
     #[serde(default)]
     pub network: Option<String>,
+    /// What localhost forwarding forwards (`forward::Ports`, kept up to
+    /// date by the shim); None when it is off, and in older records.
+    #[serde(default)]
+    pub ports_file: Option<PathBuf>,
 }
 
 impl VmRecord {
@@ -104,6 +108,7 @@ mod tests {
                 console: "/c".into(),
                 api_socket: Some("/a".into()),
                 network: Some("10.89.0.2/24 via hearth0".into()),
+                ports_file: None,
             };
             r.write(&dir).unwrap();
             r

@@ -256,6 +256,7 @@ impl Service {
             console: vm.dir.join(crate::vm::JAIL).join("console.log"),
             api_socket: Some(vm.dir.join(crate::vm::JAIL).join(crate::vm::API_SOCKET)),
             network: vm.network.clone(),
+            ports_file: cfg.localhost_forwarding.then(|| vm.dir.join(crate::forward::PORTS_FILE)),
         };
         if let Err(e) = record.write(&vm.dir) {
             log::warn!("writing the VM's record in {}: {e:#}", vm.dir.display());

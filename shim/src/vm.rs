@@ -64,6 +64,8 @@ pub struct Vm {
     /// thread that sees hearth-vmm end, or [`Vm::cleanup`] (an idle shim
     /// exits right after it, before that thread may run).
     net: Arc<Mutex<Option<VmNetwork>>>,
+    /// Localhost forwarding of the VM's listening ports; stopped at cleanup.
+    forwarder: Mutex<Option<crate::forward::Forwarder>>,
 }
 
 pub fn ctx(secs: i64) -> ttrpc::context::Context {
@@ -210,6 +212,18 @@ impl Vm {
             tracing_log(&format!("the VM's network: {} on {}, tap {}", n.addr, cfg.network_bridge, n.tap));
             net_summary = Some(n.summary());
         }
+        let forwarder = if cfg.localhost_forwarding {
+            let ports = dir.join(crate::forward::PORTS_FILE);
+            match crate::forward::Forwarder::start(agent.clone(), vsock.clone(), ports) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    log::warn!("localhost forwarding does not run: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
         let _ = agent.sync_time(ctx(10), &SyncTimeRequest { unix_nanos: nanos, ..Default::default() });
         let boot_id = agent.health(ctx(10), &Empty::new())?.boot_id;
@@ -230,6 +244,7 @@ impl Vm {
             cgroup,
             network: net_summary,
             net: network,
+            forwarder: Mutex::new(forwarder),
         })
     }
 
@@ -264,6 +279,7 @@ impl Vm {
         if let Some(c) = &self.cgroup {
             c.kill_and_remove(Duration::from_secs(5));
         }
+        drop(self.forwarder.lock().unwrap_or_else(|p| p.into_inner()).take());
         drop(self.net.lock().unwrap_or_else(|p| p.into_inner()).take());
         self.shared.teardown();
         self.roots.teardown();

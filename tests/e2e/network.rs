@@ -4,7 +4,8 @@
 //!
 //! What is checked is what a user sees: an address on the VM's subnet, a
 //! name that resolves, `apt-get update` against the package registry this
-//! machine uses, a server in the VM reached from the host, loopback only in
+//! machine uses, a server in the VM reached from the host (at the VM's
+//! address, and at the host's 127.0.0.1 by localhost forwarding), loopback only in
 //! a container with a network namespace of its own; and on the host, the
 //! bridge, the tap and the NAT rules while the VM runs, and none of them
 //! (nor a lease, nor forwarding turned on) once it is gone.
@@ -82,23 +83,25 @@ fn the_vm_reaches_the_network_through_nat_and_leaves_nothing_behind() {
         .unwrap_or_else(|| panic!("no IPv4 address on the VM's eth0: {addr:?}"))
         .to_string();
     assert!(vm_ip.starts_with("10.89.0."), "the VM's address is on the default subnet: {vm_ip}");
-    let stream = {
-        use std::io::{Read, Write};
-        let mut got = None;
-        for _ in 0..50 {
-            if let Ok(mut s) = std::net::TcpStream::connect((vm_ip.as_str(), 7070)) {
-                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-                s.write_all(b"through the bridge\n").unwrap();
-                let mut buf = [0u8; 19];
-                s.read_exact(&mut buf).unwrap();
-                got = Some(String::from_utf8_lossy(&buf).into_owned());
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        got
-    };
+    let stream = echo_at(&vm_ip, 7070, 50);
     assert_eq!(stream.as_deref(), Some("through the bridge\n"), "the host reaches a server in the VM at {vm_ip}");
+
+    // Localhost forwarding: the same server at the host's 127.0.0.1:7070,
+    // a server bound to the VM's loopback only at 127.0.0.1:7071, and a port
+    // the host already uses (7072) reported, not taken over.
+    let host_own = std::net::TcpListener::bind(("127.0.0.1", 7072)).unwrap();
+    c.ok(&["task", "exec", "-d", "--exec-id", "lo", "server", "hearth-guest-tool", "tcp-echo", "7071", "127.0.0.1"]);
+    c.ok(&["task", "exec", "-d", "--exec-id", "taken", "server", "hearth-guest-tool", "tcp-echo", "7072"]);
+    assert_eq!(echo_at("127.0.0.1", 7070, 60).as_deref(), Some("through the bridge\n"), "127.0.0.1:7070 on the host");
+    assert_eq!(echo_at("127.0.0.1", 7071, 60).as_deref(), Some("through the bridge\n"), "a loopback-only server");
+    let vm_dir = std::fs::read_dir(&c.vms).unwrap().flatten().next().unwrap().path();
+    wait_until("port 7072 reported as taken on the host", Duration::from_secs(30), || {
+        std::fs::read_to_string(vm_dir.join("ports.json")).is_ok_and(|p| p.contains("\"taken\":[7072]"))
+    });
+    let ports = std::fs::read_to_string(vm_dir.join("ports.json")).unwrap();
+    assert!(ports.contains("7070") && ports.contains("7071"), "{ports}");
+    hearth_e2e::figure(&format!("localhost forwarding: {ports}"));
+    drop(host_own);
 
     // The host side while the VM runs.
     let bridge = host_out(&["ip", "-4", "-o", "addr", "show", "dev", BRIDGE]);
@@ -162,6 +165,26 @@ fn the_vm_reaches_the_network_through_nat_and_leaves_nothing_behind() {
         std::fs::read_dir("/run/hearth/net/leases").into_iter().flatten().flatten().map(|e| e.path()).collect();
     assert!(leases.is_empty(), "leases left: {leases:?}");
     assert_eq!(std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap(), forwarding_before);
+    assert!(std::net::TcpStream::connect(("127.0.0.1", 7070)).is_err(), "127.0.0.1:7070 still forwarded");
+}
+
+/// Sends a line to ADDR:PORT (retrying up to `tries` times, 200 ms apart,
+/// while nothing listens yet) and returns what came back.
+fn echo_at(addr: &str, port: u16, tries: u32) -> Option<String> {
+    use std::io::{Read, Write};
+    for _ in 0..tries {
+        if let Ok(mut s) = std::net::TcpStream::connect((addr, port)) {
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            if s.write_all(b"through the bridge\n").is_ok() {
+                let mut buf = [0u8; 19];
+                if s.read_exact(&mut buf).is_ok() {
+                    return Some(String::from_utf8_lossy(&buf).into_owned());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    None
 }
 
 /// `network = "off"`: the VM has no NIC and nothing is made on the host.

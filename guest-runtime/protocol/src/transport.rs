@@ -28,6 +28,11 @@ use crate::AgentClient;
 
 /// The vsock port the agent's ttrpc service listens on inside the VM.
 pub const AGENT_PORT: u32 = 1024;
+/// The agent's relay for localhost forwarding: a host connection to this
+/// vsock port sends the TCP port it wants (2 bytes, big-endian), the agent
+/// connects to that port on the VM's loopback, answers one byte (0: connected,
+/// 1: refused) and then copies bytes both ways (docs/networking.md).
+pub const FORWARD_PORT: u32 = 1025;
 /// The host's vsock context id.
 pub const HOST_CID: u32 = 2;
 

@@ -16,7 +16,8 @@
 //!   connected=A refused=B` (the escape suite: the VMM's connection cap).
 //! - `hog MIB`: allocates and dirties MIB MiB, to get OOM-killed in a
 //!   memory-limited container (see `hog`).
-//! - `tcp-echo PORT`: listens on TCP port PORT (all addresses) and echoes
+//! - `tcp-echo PORT [ADDR]`: listens on TCP port PORT (at ADDR, by default
+//!   every address) and echoes
 //!   every connection until its end, one at a time, forever (the network
 //!   suite: the host reaches a server in the VM).
 
@@ -238,8 +239,8 @@ fn stdio_impostor(cid: u32, port: u32) -> std::io::Result<()> {
     Ok(())
 }
 
-fn tcp_echo(port: u16) -> std::io::Result<()> {
-    let listener = std::net::TcpListener::bind(("0.0.0.0", port))?;
+fn tcp_echo(port: u16, addr: &str) -> std::io::Result<()> {
+    let listener = std::net::TcpListener::bind((addr, port))?;
     for conn in listener.incoming() {
         let mut conn = conn?;
         let mut back = conn.try_clone()?;
@@ -277,8 +278,8 @@ fn main() -> ExitCode {
             _ => Err(std::io::Error::other("usage: stdio-impostor CID PORT")),
         },
         Some("tcp-echo") => match num(2) {
-            Some(port) => tcp_echo(port as u16),
-            _ => Err(std::io::Error::other("usage: tcp-echo PORT")),
+            Some(port) => tcp_echo(port as u16, args.get(3).map(String::as_str).unwrap_or("0.0.0.0")),
+            _ => Err(std::io::Error::other("usage: tcp-echo PORT [ADDR]")),
         },
         Some("hog") => match num(2) {
             Some(mib) => hog::run(mib),
