@@ -115,24 +115,27 @@ fn the_vm_reaches_the_network_through_nat_and_leaves_nothing_behind() {
 
     // Out through the NAT: a name, and the package registry with apt.
     c.ok(&["images", "import", &env.debian_image.display().to_string()]);
-    let o = c.ctr(&[
-        "run",
-        "--rm",
-        "--net-host",
-        "--runtime",
-        RUNTIME,
-        DEBIAN_IMAGE,
-        "apt",
-        "sh",
-        "-c",
-        // One small suite of the registry (bookworm-updates: its lists are
-        // kilobytes), so that the test measures the path, not the emulated
-        // download of bookworm's 9 MB package list.
-        "getent hosts deb.debian.org && \
+    let o = c.ctr_within(
+        &[
+            "run",
+            "--rm",
+            "--net-host",
+            "--runtime",
+            RUNTIME,
+            DEBIAN_IMAGE,
+            "apt",
+            "sh",
+            "-c",
+            // One small suite of the registry (bookworm-updates: its lists are
+            // kilobytes), so that the test measures the path, not the emulated
+            // download of bookworm's 9 MB package list.
+            "getent hosts deb.debian.org && \
          echo 'deb http://deb.debian.org/debian bookworm-updates main' > /tmp/hearth.list && \
          timeout 240 apt-get update -o Dir::Etc::sourcelist=/tmp/hearth.list -o Dir::Etc::sourceparts=- \
              -o Acquire::Retries=2 2>&1 | tail -n 3",
-    ]);
+        ],
+        Duration::from_secs(600),
+    );
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(o.status.success(), "apt-get update in the VM: {}", text(&o));
     assert!(out.contains("deb.debian.org"), "the name resolved: {out}");

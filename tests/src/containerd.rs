@@ -128,6 +128,12 @@ impl Containerd {
     /// `ctr` with these arguments, killed (and the test failed, with
     /// containerd's log) if it has not ended after five minutes.
     pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_within(args, Duration::from_secs(300))
+    }
+
+    /// [`Containerd::ctr`] with a hang guard of `guard` (a step that
+    /// downloads through the emulated VM's network can be slow).
+    pub fn ctr_within(&self, args: &[&str], guard: Duration) -> Output {
         let child = Command::new("ctr")
             .arg("--address")
             .arg(&self.socket)
@@ -137,8 +143,7 @@ impl Containerd {
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting ctr (installed by `cargo xtask setup`)");
-        crate::output_within(child, Duration::from_secs(300))
-            .unwrap_or_else(|| panic!("ctr {args:?} hung (killed after 300 s)"))
+        crate::output_within(child, guard).unwrap_or_else(|| panic!("ctr {args:?} hung (killed after {guard:?})"))
     }
 
     /// `ctr` that must succeed; its stdout.
