@@ -203,7 +203,12 @@ fn boot(assets: &Assets, run: &Run, dir: &Path) -> Result<bool> {
     let mut child = cmd(&qemu)
         .args(["-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm", "-smp", &cpus.to_string()])
         .args(["-m", &run.memory_mib.to_string()])
-        .args(["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none", "-monitor", "none"])
+        .args(["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"])
+        // The human monitor on a socket in the run directory, for looking
+        // into a test host that seems stuck (`info registers`, `info lapic`:
+        // docs/testing.md).
+        .arg("-monitor")
+        .arg(format!("unix:{},server=on,wait=off", dir.join("monitor.sock").display()))
         .args(["-serial", "stdio"])
         .arg("-kernel")
         .arg(&assets.kernel)

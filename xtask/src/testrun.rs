@@ -235,7 +235,9 @@ pub fn print_suites(reports: &[SuiteReport]) {
         let state = if r.passed() { "ok" } else { "FAILED" };
         println!("  suite {:<72} {:>7.0} s  {state}", r.suite, r.secs);
         for t in &r.tests {
-            println!("      {:<72} {:>7.1} s  {}", t.name, t.secs, if t.passed { "ok" } else { "FAILED" });
+            let state = if t.passed { "ok" } else { "FAILED" };
+            let again = if t.rerun { " (run twice: test host stalled)" } else { "" };
+            println!("      {:<72} {:>7.1} s  {state}{again}", t.name, t.secs);
         }
         if let Some(e) = &r.error {
             println!("      ({e})");
