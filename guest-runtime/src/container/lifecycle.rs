@@ -166,6 +166,10 @@ impl Containers {
                 stdio.terminal
             )));
         }
+        for nic in &req.interfaces {
+            super::nic::validate(nic)
+                .map_err(|e| AgentError::InvalidArgument(format!("container {id:?}'s NIC: {e}")))?;
+        }
         let rootfs = req.rootfs.clone().unwrap_or_default();
         let bundle = bundle::prepare(&self.cfg.state_dir.join("bundles"), id, spec, &rootfs)?;
         let (mut session, ends) = match StdioSession::open(&self.cfg.dialer, &stdio, &self.scratch(), id) {
@@ -223,6 +227,15 @@ impl Containers {
             oom_kills_at_create: oom_kills_seen,
         };
         lock(&self.table).insert(id.to_string(), Arc::new(Mutex::new(c)));
+        // The NICs of the network namespace its caller made, mirrored by
+        // the host (docs/networking.md): without them the container would
+        // run cut off, so it is not created.
+        for nic in &req.interfaces {
+            if let Err(e) = super::nic::move_into(pid, nic) {
+                let _ = self.delete(id, true);
+                return Err(AgentError::Internal(format!("container {id:?}: giving it the NIC {}: {e}", nic.name)));
+            }
+        }
         tracing::info!(container = id, pid, "created");
         Ok(pid as u32)
     }

@@ -6,6 +6,7 @@ pub mod bundle;
 pub mod caps;
 pub mod cgroup;
 pub mod lifecycle;
+pub mod nic;
 pub mod oom;
 
 pub use lifecycle::{Containers, RuntimeConfig};

@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use super::BootParams;
 
-fn ifreq(name: &str) -> io::Result<libc::ifreq> {
+pub(crate) fn ifreq(name: &str) -> io::Result<libc::ifreq> {
     // SAFETY: ifreq is plain old data; all zeroes is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     if name.len() >= req.ifr_name.len() {
@@ -23,7 +23,7 @@ fn ifreq(name: &str) -> io::Result<libc::ifreq> {
     Ok(req)
 }
 
-fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr {
+pub(crate) fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr {
     let sin = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: 0,
@@ -35,7 +35,7 @@ fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr {
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
-fn ioctl(sock: &OwnedFd, request: libc::c_ulong, arg: *mut libc::c_void, what: &str) -> io::Result<()> {
+pub(crate) fn ioctl(sock: &OwnedFd, request: libc::c_ulong, arg: *mut libc::c_void, what: &str) -> io::Result<()> {
     // SAFETY: each caller passes the structure its request expects.
     if unsafe { libc::ioctl(sock.as_raw_fd(), request, arg) } < 0 {
         let e = io::Error::last_os_error();
@@ -44,7 +44,7 @@ fn ioctl(sock: &OwnedFd, request: libc::c_ulong, arg: *mut libc::c_void, what: &
     Ok(())
 }
 
-fn set_up(sock: &OwnedFd, name: &str) -> io::Result<()> {
+pub(crate) fn set_up(sock: &OwnedFd, name: &str) -> io::Result<()> {
     let mut req = ifreq(name)?;
     ioctl(sock, libc::SIOCGIFFLAGS, &mut req as *mut _ as *mut _, &format!("reading {name}'s flags"))?;
     // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
@@ -52,9 +52,20 @@ fn set_up(sock: &OwnedFd, name: &str) -> io::Result<()> {
     ioctl(sock, libc::SIOCSIFFLAGS, &mut req as *mut _ as *mut _, &format!("bringing {name} up"))
 }
 
+/// An AF_INET datagram socket, for the interface ioctls.
+pub(crate) fn inet_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Parses `ADDR/PREFIX` into the address and its netmask.
 pub fn parse_cidr(s: &str) -> io::Result<(Ipv4Addr, Ipv4Addr)> {
-    let bad = || io::Error::new(io::ErrorKind::InvalidInput, format!("hearth.ip={s:?} is not ADDR/PREFIX"));
+    let bad = || io::Error::new(io::ErrorKind::InvalidInput, format!("{s:?} is not an IPv4 ADDR/PREFIX"));
     let (a, p) = s.split_once('/').ok_or_else(bad)?;
     let addr: Ipv4Addr = a.parse().map_err(|_| bad())?;
     let prefix: u32 = p.parse().map_err(|_| bad())?;

@@ -1,0 +1,353 @@
+//! NICs the host attached for one container: the interfaces of the network
+//! namespace its caller made (CNI, Docker), mirrored into the VM
+//! (docs/networking.md). Each arrives as a virtio-net device in the VM's
+//! own namespace, found by its permanent MAC (its slot's, which no MAC
+//! change alters); it is given the host interface's MAC and MTU there,
+//! moved into the container's namespace, renamed, addressed and routed
+//! there. When that namespace goes, the kernel moves the device back to
+//! the VM's namespace, down, ready for the next container.
+//!
+//! The interface ioctls do all but the move, which only netlink can do: one
+//! RTM_NEWLINK message, built here rather than with a netlink stack.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use hearth_agent_protocol::agent::Interface;
+
+use crate::pid1::network::{ifreq, inet_socket, ioctl, parse_cidr, set_up, sockaddr};
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> io::Result<[u8; 6]> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidInput, format!("{s:?} is not a MAC address"));
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        *b = u8::from_str_radix(parts.next().ok_or_else(bad)?, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(mac)
+}
+
+/// Checks everything the host sent before anything changes.
+pub fn validate(nic: &Interface) -> io::Result<()> {
+    let bad = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
+    parse_mac(&nic.device_mac)?;
+    parse_mac(&nic.mac)?;
+    ifreq(&nic.name)?;
+    if nic.name.is_empty() || nic.name.contains(['/', ':']) || nic.name == "lo" {
+        return Err(bad(format!("{:?} cannot name a container's interface", nic.name)));
+    }
+    if !(68..=65535).contains(&nic.mtu) {
+        return Err(bad(format!("MTU {} of {} is out of range", nic.mtu, nic.name)));
+    }
+    for a in &nic.ipv4 {
+        parse_cidr(a)?;
+    }
+    for r in &nic.routes {
+        parse_cidr(&r.destination)?;
+        if !r.gateway.is_empty() {
+            r.gateway.parse::<Ipv4Addr>().map_err(|_| bad(format!("route gateway {:?}", r.gateway)))?;
+        }
+    }
+    Ok(())
+}
+
+/// The permanent MAC of interface `name` (ETHTOOL_GPERMADDR).
+fn permanent_mac(sock: &OwnedFd, name: &str) -> io::Result<[u8; 6]> {
+    #[repr(C)]
+    struct PermAddr {
+        cmd: u32,
+        size: u32,
+        data: [u8; 32],
+    }
+    const ETHTOOL_GPERMADDR: u32 = 0x20;
+    let mut pa = PermAddr { cmd: ETHTOOL_GPERMADDR, size: 32, data: [0; 32] };
+    let mut req = ifreq(name)?;
+    req.ifr_ifru.ifru_data = &mut pa as *mut PermAddr as *mut libc::c_char;
+    ioctl(sock, libc::SIOCETHTOOL, &mut req as *mut _ as *mut _, &format!("reading {name}'s permanent MAC"))?;
+    if pa.size != 6 {
+        return Err(io::Error::other(format!("{name} has no Ethernet address")));
+    }
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&pa.data[..6]);
+    Ok(mac)
+}
+
+/// The interface in this thread's network namespace whose permanent MAC is
+/// `mac`. A NIC that served a container whose namespace is being torn down
+/// comes back to the VM's namespace a moment later: it is waited for.
+fn find_by_permanent_mac(sock: &OwnedFd, mac: [u8; 6]) -> io::Result<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        for entry in std::fs::read_dir("/sys/class/net")? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if permanent_mac(sock, &name).is_ok_and(|m| m == mac) {
+                return Ok(name);
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no NIC in the VM's network namespace has the MAC {}", fmt_mac(mac)),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn fmt_mac(m: [u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+fn set_flags(sock: &OwnedFd, name: &str, up: bool) -> io::Result<()> {
+    if up {
+        return set_up(sock, name);
+    }
+    let mut req = ifreq(name)?;
+    ioctl(sock, libc::SIOCGIFFLAGS, &mut req as *mut _ as *mut _, &format!("reading {name}'s flags"))?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    unsafe { req.ifr_ifru.ifru_flags &= !(libc::IFF_UP as libc::c_short) };
+    ioctl(sock, libc::SIOCSIFFLAGS, &mut req as *mut _ as *mut _, &format!("taking {name} down"))
+}
+
+fn set_mac(sock: &OwnedFd, name: &str, mac: [u8; 6]) -> io::Result<()> {
+    let mut req = ifreq(name)?;
+    // SAFETY: sockaddr is plain old data.
+    let mut sa: libc::sockaddr = unsafe { std::mem::zeroed() };
+    sa.sa_family = libc::ARPHRD_ETHER;
+    for (d, s) in sa.sa_data.iter_mut().zip(mac) {
+        *d = s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_hwaddr = sa;
+    ioctl(sock, libc::SIOCSIFHWADDR, &mut req as *mut _ as *mut _, &format!("setting {name}'s MAC"))
+}
+
+fn set_mtu(sock: &OwnedFd, name: &str, mtu: u32) -> io::Result<()> {
+    let mut req = ifreq(name)?;
+    req.ifr_ifru.ifru_mtu = mtu as libc::c_int;
+    ioctl(sock, libc::SIOCSIFMTU, &mut req as *mut _ as *mut _, &format!("setting {name}'s MTU"))
+}
+
+fn rename(sock: &OwnedFd, from: &str, to: &str) -> io::Result<()> {
+    if from == to {
+        return Ok(());
+    }
+    let mut req = ifreq(from)?;
+    let new = ifreq(to)?;
+    req.ifr_ifru.ifru_newname = new.ifr_name;
+    ioctl(sock, libc::SIOCSIFNAME, &mut req as *mut _ as *mut _, &format!("renaming {from} to {to}"))
+}
+
+fn index_of(name: &str) -> io::Result<u32> {
+    let c = std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: a valid C string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(io::Error::last_os_error()),
+        i => Ok(i),
+    }
+}
+
+/// Moves interface `index` into the network namespace of process `pid`
+/// (RTM_NEWLINK with IFLA_NET_NS_PID), and waits for the kernel's answer.
+fn move_to_netns_of(index: u32, pid: i32) -> io::Result<()> {
+    const IFLA_NET_NS_PID: u16 = 19;
+    let mut msg = Vec::with_capacity(40);
+    msg.extend_from_slice(&40u32.to_ne_bytes()); // nlmsg_len
+    msg.extend_from_slice(&libc::RTM_NEWLINK.to_ne_bytes()); // nlmsg_type
+    msg.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel's
+    msg.extend_from_slice(&[libc::AF_UNSPEC as u8, 0]); // ifi_family, pad
+    msg.extend_from_slice(&0u16.to_ne_bytes()); // ifi_type
+    msg.extend_from_slice(&(index as i32).to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // ifi_flags
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // ifi_change
+    msg.extend_from_slice(&8u16.to_ne_bytes()); // rta_len
+    msg.extend_from_slice(&IFLA_NET_NS_PID.to_ne_bytes());
+    msg.extend_from_slice(&(pid as u32).to_ne_bytes());
+    debug_assert_eq!(msg.len(), 40);
+    // SAFETY: socket(2) returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: msg is a valid buffer of its length; the destination is the
+    // kernel (a zeroed netlink address).
+    let sent = unsafe {
+        let mut to: libc::sockaddr_nl = std::mem::zeroed();
+        to.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        libc::sendto(
+            sock.as_raw_fd(),
+            msg.as_ptr() as *const libc::c_void,
+            msg.len(),
+            0,
+            &to as *const libc::sockaddr_nl as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = [0u8; 1024];
+    // SAFETY: buf is writable for its length.
+    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    ack_error(&buf[..n as usize])
+}
+
+/// The error an NLMSG_ERROR answer carries (0: an acknowledgement).
+fn ack_error(reply: &[u8]) -> io::Result<()> {
+    if reply.len() < 20 {
+        return Err(io::Error::other("a short netlink answer"));
+    }
+    let kind = u16::from_ne_bytes([reply[4], reply[5]]);
+    if kind != libc::NLMSG_ERROR as u16 {
+        return Err(io::Error::other(format!("netlink answered with message type {kind}")));
+    }
+    match i32::from_ne_bytes([reply[16], reply[17], reply[18], reply[19]]) {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(-e)),
+    }
+}
+
+/// Runs `f` on a thread of its own that has entered the network namespace
+/// of process `pid`; the thread ends with it.
+fn in_netns_of<T: Send + 'static>(pid: i32, f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    std::thread::spawn(move || {
+        // SAFETY: setns on a namespace descriptor we own; it changes only
+        // this thread, which ends after f.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| io::Error::other("the network namespace thread panicked"))?
+}
+
+/// Gives the container whose init is `pid` (created, in a network namespace
+/// of its own) the NIC `nic` describes.
+pub fn move_into(pid: i32, nic: &Interface) -> io::Result<()> {
+    validate(nic)?;
+    let sock = inet_socket()?;
+    let current = find_by_permanent_mac(&sock, parse_mac(&nic.device_mac)?)?;
+    set_flags(&sock, &current, false)?;
+    set_mac(&sock, &current, parse_mac(&nic.mac)?)?;
+    set_mtu(&sock, &current, nic.mtu)?;
+    let index = index_of(&current)?;
+    move_to_netns_of(index, pid).map_err(|e| io::Error::new(e.kind(), format!("moving {current}: {e}")))?;
+    let nic = nic.clone();
+    in_netns_of(pid, move || {
+        let sock = inet_socket()?;
+        // The same index in the new namespace, unless it was taken there.
+        let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+        // SAFETY: name has room for IF_NAMESIZE bytes.
+        let found = unsafe { libc::if_indextoname(index, name.as_mut_ptr()) };
+        let here = if found.is_null() {
+            current.clone()
+        } else {
+            // SAFETY: if_indextoname wrote a NUL-terminated name.
+            unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned()
+        };
+        let here = if here == "lo" { current.clone() } else { here };
+        rename(&sock, &here, &nic.name)?;
+        for (i, a) in nic.ipv4.iter().enumerate() {
+            // Further addresses go on labels (eth0:1), as ifconfig did.
+            let label = if i == 0 { nic.name.clone() } else { format!("{}:{i}", nic.name) };
+            let (addr, mask) = parse_cidr(a)?;
+            let mut req = ifreq(&label)?;
+            req.ifr_ifru.ifru_addr = sockaddr(addr);
+            ioctl(&sock, libc::SIOCSIFADDR, &mut req as *mut _ as *mut _, &format!("setting {label}'s address"))?;
+            req.ifr_ifru.ifru_netmask = sockaddr(mask);
+            ioctl(&sock, libc::SIOCSIFNETMASK, &mut req as *mut _ as *mut _, &format!("setting {label}'s netmask"))?;
+        }
+        set_flags(&sock, &nic.name, true)?;
+        let dev = std::ffi::CString::new(nic.name.clone()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        for r in &nic.routes {
+            let (dst, mask) = parse_cidr(&r.destination)?;
+            // SAFETY: rtentry is plain old data.
+            let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+            rt.rt_dst = sockaddr(dst);
+            rt.rt_genmask = sockaddr(mask);
+            rt.rt_flags = libc::RTF_UP;
+            if !r.gateway.is_empty() {
+                rt.rt_gateway = sockaddr(r.gateway.parse().expect("validated"));
+                rt.rt_flags |= libc::RTF_GATEWAY;
+            }
+            rt.rt_dev = dev.as_ptr() as *mut libc::c_char;
+            ioctl(
+                &sock,
+                libc::SIOCADDRT,
+                &mut rt as *mut _ as *mut _,
+                &format!("adding the route to {}", r.destination),
+            )?;
+        }
+        tracing::info!(name = nic.name, mac = nic.mac, addresses = ?nic.ipv4, routes = nic.routes.len(), "container NIC up");
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hearth_agent_protocol::agent::Route;
+
+    fn nic() -> Interface {
+        Interface {
+            device_mac: "02:68:65:00:00:01".into(),
+            name: "eth0".into(),
+            mac: "0a:58:0a:58:00:05".into(),
+            mtu: 1500,
+            ipv4: vec!["10.88.0.5/16".into()],
+            routes: vec![Route { destination: "0.0.0.0/0".into(), gateway: "10.88.0.1".into(), ..Default::default() }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn macs_parse_strictly() {
+        assert_eq!(parse_mac("02:68:65:00:00:0a").unwrap(), [2, 0x68, 0x65, 0, 0, 10]);
+        for bad in ["02:68:65:00:00", "02:68:65:00:00:00:01", "zz:68:65:00:00:01", ""] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn what_the_host_sends_is_checked_before_anything_changes() {
+        assert!(validate(&nic()).is_ok());
+        let cases: Vec<fn(&mut Interface)> = vec![
+            |n| n.name = "lo".into(),
+            |n| n.name = "a/b".into(),
+            |n| n.name = "x".repeat(16),
+            |n| n.mtu = 10,
+            |n| n.mac = "nope".into(),
+            |n| n.ipv4 = vec!["10.0.0.1".into()],
+            |n| n.routes[0].gateway = "gw".into(),
+            |n| n.routes[0].destination = "default".into(),
+        ];
+        for (i, change) in cases.into_iter().enumerate() {
+            let mut n = nic();
+            change(&mut n);
+            assert!(validate(&n).is_err(), "case {i}");
+        }
+    }
+
+    #[test]
+    fn netlink_acks_and_errors_are_told_apart() {
+        let mut ack = vec![0u8; 36];
+        ack[4..6].copy_from_slice(&(libc::NLMSG_ERROR as u16).to_ne_bytes());
+        assert!(ack_error(&ack).is_ok());
+        ack[16..20].copy_from_slice(&(-libc::EPERM).to_ne_bytes());
+        assert_eq!(ack_error(&ack).unwrap_err().raw_os_error(), Some(libc::EPERM));
+        assert!(ack_error(&ack[..10]).is_err());
+    }
+}
