@@ -35,7 +35,8 @@ fn is_bind(kind: Option<&str>, options: &[String]) -> bool {
 ///
 /// - bind mounts with a host source: moved into the share;
 /// - namespaces given by path (a host's netns file, say): the guest cannot
-///   join a host namespace, so the container gets a new one;
+///   join a host namespace, so the container gets a new one (the shim
+///   mirrors a network namespace's interfaces into it: shim/src/netns.rs);
 /// - hooks: they name host programs, which the guest does not have.
 pub fn for_guest(spec: &mut Spec, id: &str, guest_shared: &Path) -> Vec<HostBind> {
     let mut binds = Vec::new();

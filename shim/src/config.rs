@@ -64,6 +64,10 @@ pub struct Config {
     /// Forward each TCP port that listens in the VM's network (distros,
     /// containers sharing it) to the same port on the host's 127.0.0.1.
     pub localhost_forwarding: bool,
+    /// NIC slots the VM boots with for containers that name a network
+    /// namespace (CNI, Docker): the most such containers one VM runs at
+    /// once, each of their interfaces taking one (docs/networking.md).
+    pub container_nics: u8,
 }
 
 impl Default for Config {
@@ -88,6 +92,7 @@ impl Default for Config {
             network_subnet: "10.89.0.0/24".into(),
             network_bridge: "hearth0".into(),
             localhost_forwarding: true,
+            container_nics: 4,
         }
     }
 }
@@ -131,6 +136,15 @@ impl Config {
             anyhow::bail!(
                 "disk_slots must be at most 12 (have {}): the VM has 19 interrupt lines for all its devices",
                 self.disk_slots
+            );
+        }
+        // 19 interrupt lines: vsock, two shares, the balloon and the VM's
+        // own NIC take five.
+        if self.disk_slots as u32 + self.container_nics as u32 > 14 {
+            anyhow::bail!(
+                "disk_slots ({}) and container_nics ({}) add up to more than 14: the VM has 19 interrupt lines for all its devices",
+                self.disk_slots,
+                self.container_nics
             );
         }
         if self.network == crate::network::NetMode::Nat {

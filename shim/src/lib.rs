@@ -10,6 +10,8 @@
 //! - [`metrics`]: the agent's cgroup statistics as containerd's metrics;
 //! - [`io`]: containerd's FIFOs to and from the agent's stdio streams;
 //! - [`disk`]: container roots on disk images attached to the VM;
+//! - [`network`]: the VM's own NAT network; [`netns`]: a container's
+//!   network from the namespace its caller made, mirrored into the VM;
 //! - [`config`] reads `/etc/hearth/config.toml`;
 //! - [`record`]: the running VM's record (`vm.json`) for `hearth status`.
 
@@ -20,6 +22,7 @@ pub mod forward;
 pub mod io;
 pub mod logging;
 pub mod metrics;
+pub mod netns;
 pub mod network;
 pub mod record;
 pub mod share;

@@ -52,7 +52,7 @@ fn start_options_config_path() -> Option<std::path::PathBuf> {
 }
 
 /// A short stable hash (FNV-1a) to name a group after a config path.
-fn fnv1a(bytes: &[u8]) -> u32 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c9dc5u32, |h, b| (h ^ *b as u32).wrapping_mul(0x0100_0193))
 }
 

@@ -59,6 +59,9 @@ struct Container {
     /// top`, monitoring agents or nsenter scripts would act on whatever host
     /// process has that number.
     host_pid: u32,
+    /// The interfaces of the network namespace its caller made, mirrored
+    /// into the VM (netns.rs); undone at delete.
+    netns: Option<crate::netns::Mirrored>,
 }
 
 impl Container {
@@ -481,6 +484,7 @@ impl Service {
         let mut spec = hearth_oci::parse_spec(&spec_json)?;
         let mut mounts = Vec::new();
         let mut disk = None;
+        let mut mirrored = None;
         let result = (|| {
             let guest_root = Path::new(vm::GUEST_ROOTS).join(&req.id).join("rootfs");
             let rootfs = match crate::disk::requested(&spec) {
@@ -500,6 +504,22 @@ impl Service {
                     pb::Rootfs { path: guest_root.display().to_string(), ..Default::default() }
                 }
             };
+            // Read before the translation drops the path (the guest cannot
+            // join a host namespace; it gets its interfaces instead).
+            let mut interfaces = Vec::new();
+            if let Some(netns) = crate::netns::requested(&spec) {
+                let (m, nics) = crate::netns::Mirrored::set_up(&req.id, &netns, &vm.api).map_err(|e| {
+                    e.context(format!("mirroring the network namespace {} into the VM", netns.display()))
+                })?;
+                log::info!(
+                    "container {}: interfaces {:?} of {} mirrored into the VM",
+                    req.id,
+                    m.names(),
+                    netns.display()
+                );
+                mirrored = Some(m);
+                interfaces = nics;
+            }
             for b in hearth_oci::translate::for_guest(&mut spec, &req.id, Path::new(vm::GUEST_SHARED)) {
                 mounts.push(vm.shared.bind(&b.in_share, &b.source, b.recursive, b.readonly)?);
             }
@@ -515,6 +535,7 @@ impl Service {
                 spec_json: serde_json::to_vec(&spec)?,
                 rootfs: Some(rootfs).into(),
                 stdio: Some(stdio).into(),
+                interfaces,
                 ..Default::default()
             };
             let guest_pid =
@@ -535,9 +556,13 @@ impl Service {
                     vm_boot_id: vm.boot_id.clone(),
                     disk,
                     host_pid,
+                    netns: mirrored,
                 },
             )),
             Err(e) => {
+                if let Some(m) = &mirrored {
+                    m.teardown(Some(&vm.api));
+                }
                 Self::undo_mounts(&mounts);
                 Self::detach_disk(&vm, &req.id, &disk);
                 vm.forget_dirs(&req.id);
@@ -832,9 +857,17 @@ impl Task for Service {
             }
             Self::undo_mounts(&c.mounts);
             Self::detach_disk(&vm, &req.id, &c.disk);
+            if let Some(m) = &c.netns {
+                m.teardown(Some(&vm.api));
+            }
             vm.forget_dirs(&req.id);
         } else {
             Self::undo_mounts(&c.mounts);
+            // The VM is gone, and its taps with it; the redirection on the
+            // caller's interfaces goes now.
+            if let Some(m) = &c.netns {
+                m.teardown(None);
+            }
         }
         let (code, at) = c.init.exit.unwrap_or((0, SystemTime::now()));
         self.publish(

@@ -147,7 +147,9 @@ impl Vm {
             .arg("--disk-slots")
             .arg(cfg.disk_slots.to_string())
             .arg("--nic-slots")
-            .arg(if network.lock().unwrap().is_some() { "1" } else { "0" })
+            // Slot 0 is the VM's own NIC (eth0 in the guest); the others
+            // take containers' mirrored interfaces (netns.rs).
+            .arg((u8::from(network.lock().unwrap().is_some()) + cfg.container_nics).to_string())
             .arg("--jail")
             .arg(&jail)
             .args(["--cmdline", cmdline.trim()])

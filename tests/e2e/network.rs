@@ -19,8 +19,11 @@ use hearth_e2e::{Env, Scratch, DEBIAN_IMAGE};
 const BRIDGE: &str = "hearth0";
 
 /// Prints the network interfaces backed by a device (a NIC; the kernel's
-/// own sit0 and dummy0 are not), and those with an IPv4 address.
-const NICS_AND_ADDRESSES: &str = "echo nics: $(ls -d /sys/class/net/*/device 2>/dev/null | cut -d/ -f5); \
+/// own sit0 and dummy0 are not) whose link is up (the VM's empty NIC slots,
+/// kept for containers' interfaces, are down), and those with an IPv4
+/// address.
+const NICS_AND_ADDRESSES: &str = "echo nics: $(for d in /sys/class/net/*/device; do n=${d%/device}; \
+     [ \"$(cat $n/operstate 2>/dev/null)\" = up ] && echo ${n##*/}; done); \
      echo addresses: $(ip -4 -o addr show | awk '{print $2}')";
 
 fn host_out(args: &[&str]) -> String {
@@ -216,4 +219,164 @@ fn a_subnet_the_host_already_uses_is_refused_with_its_fix() {
     assert!(all.contains("already used on this host by hearthclash0"), "{all}");
     assert!(all.contains("network_subnet"), "the error names the setting to change: {all}");
     assert!(!std::path::Path::new("/sys/class/net").join(BRIDGE).exists(), "a bridge was left");
+}
+
+/// A network namespace as a CNI plugin leaves it (the bridge plugin's
+/// shape, without the bridge): a veth pair whose host end holds the
+/// gateway address, and whose other end, `eth0` in the namespace, holds the
+/// container's address, a MAC and MTU of its own, and the default route.
+struct CniNamespace {
+    name: String,
+    host_end: String,
+}
+
+impl CniNamespace {
+    fn new(name: &str, host_end: &str, subnet: u8, mac: &str) -> CniNamespace {
+        let ns = CniNamespace { name: name.into(), host_end: host_end.into() };
+        ns.remove();
+        let gw = format!("10.{subnet}.0.1");
+        for cmd in [
+            format!("ip netns add {name}"),
+            format!("ip link add {host_end} type veth peer name eth0 netns {name}"),
+            format!("ip addr add {gw}/24 dev {host_end}"),
+            format!("ip link set {host_end} up"),
+            format!("ip -n {name} link set eth0 address {mac} mtu 1400"),
+            format!("ip -n {name} addr add 10.{subnet}.0.2/24 dev eth0"),
+            format!("ip -n {name} link set eth0 up"),
+            format!("ip -n {name} link set lo up"),
+            format!("ip -n {name} route add default via {gw}"),
+        ] {
+            let o = Command::new("sh").args(["-c", &cmd]).output().unwrap();
+            assert!(o.status.success(), "{cmd}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        ns
+    }
+
+    fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+
+    /// What `args` prints, run in the namespace.
+    fn out(&self, args: &str) -> String {
+        host_out(&["sh", "-c", &format!("ip netns exec {} {args} 2>&1", self.name)])
+    }
+
+    fn remove(&self) {
+        let _ = Command::new("ip").args(["link", "del", &self.host_end]).output();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+impl Drop for CniNamespace {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// Containers given a network namespace by path, as nerdctl, the CRI and
+/// Docker give them (CNI made it): each gets that namespace's interface in
+/// the VM (its name, MAC, MTU, address and default route), is reached at
+/// its address from the host and reaches the host through its gateway, two
+/// at once in two namespaces; deleting one removes what hearth added to its
+/// namespace (the tap, the tc redirection) and leaves the other running;
+/// the NIC it used serves the next container.
+#[test]
+fn containers_in_cni_namespaces_are_reached_at_their_addresses() {
+    let env = Env::get();
+    let scratch = Scratch::new("network-cni");
+    let one = CniNamespace::new("hearth-cni1", "hcni1", 77, "0a:58:0a:4d:00:02");
+    let two = CniNamespace::new("hearth-cni2", "hcni2", 78, "0a:58:0a:4e:00:02");
+    let c = Containerd::start(&env, &scratch, 3);
+    let serve = |id: &str, ns: &CniNamespace| {
+        let with_ns = format!("network:{}", ns.path());
+        c.ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            "--with-ns",
+            &with_ns,
+            IMAGE,
+            id,
+            "hearth-guest-tool",
+            "tcp-echo",
+            "8080",
+        ]);
+    };
+    serve("web1", &one);
+    serve("web2", &two);
+
+    // What the container sees: the namespace's interface, as it was.
+    let seen = c.ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "look",
+        "web1",
+        "sh",
+        "-c",
+        "ip -o link show eth0; ip -4 -o addr show; ip -4 route",
+    ]);
+    assert!(seen.contains("0a:58:0a:4d:00:02"), "the veth's MAC: {seen}");
+    assert!(seen.contains("mtu 1400"), "the veth's MTU: {seen}");
+    assert!(seen.contains("10.77.0.2/24"), "the veth's address: {seen}");
+    assert!(seen.contains("default via 10.77.0.1"), "the default route: {seen}");
+    assert!(!seen.contains("10.89.0."), "not the VM's own network: {seen}");
+
+    // Reached from the host at each address, and the host reached back.
+    assert_eq!(echo_at("10.77.0.2", 8080, 60).as_deref(), Some("through the bridge\n"), "web1 at 10.77.0.2");
+    assert_eq!(echo_at("10.78.0.2", 8080, 60).as_deref(), Some("through the bridge\n"), "web2 at 10.78.0.2");
+    let ping = c.ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "ping",
+        "web2",
+        "sh",
+        "-c",
+        "ping -c 2 -W 10 10.78.0.1 >/dev/null && echo reached",
+    ]);
+    assert_eq!(ping, "reached\n", "web2 reaches its gateway on the host");
+
+    // In the namespace, hearth's tap and the redirection, while it runs.
+    let links = one.out("ip -o link show");
+    assert!(links.contains("tap0_hearth"), "the tap in the namespace: {links}");
+    let qdiscs = one.out("tc qdisc show dev eth0");
+    assert!(qdiscs.contains("ingress"), "the veth's ingress qdisc: {qdiscs}");
+
+    // web1 goes: its namespace is as CNI left it, web2 runs on.
+    c.ok(&["task", "kill", "-s", "SIGKILL", "web1"]);
+    wait_until("web1 exited", Duration::from_secs(60), || {
+        !c.ok(&["task", "ls"]).lines().any(|l| l.starts_with("web1 ") && l.contains("RUNNING"))
+    });
+    c.ok(&["task", "rm", "web1"]);
+    c.ok(&["containers", "rm", "web1"]);
+    let links = one.out("ip -o link show");
+    assert!(!links.contains("tap0_hearth"), "the tap is gone: {links}");
+    let qdiscs = one.out("tc qdisc show dev eth0");
+    assert!(!qdiscs.contains("ingress"), "the redirection is gone: {qdiscs}");
+    assert_eq!(echo_at("10.78.0.2", 8080, 60).as_deref(), Some("through the bridge\n"), "web2 still reached");
+
+    // The NIC web1 had serves the next container in that namespace.
+    serve("web3", &one);
+    assert_eq!(echo_at("10.77.0.2", 8080, 60).as_deref(), Some("through the bridge\n"), "web3 at 10.77.0.2");
+    let seen = c.ok(&["task", "exec", "--exec-id", "look", "web3", "sh", "-c", "ip -o link show eth0"]);
+    assert!(seen.contains("0a:58:0a:4d:00:02"), "{seen}");
+    hearth_e2e::figure("CNI namespaces: web1 and web2 reached at their addresses; web3 on web1's NIC after it");
+
+    for id in ["web2", "web3"] {
+        c.ok(&["task", "kill", "-s", "SIGKILL", id]);
+    }
+    wait_until("the servers exited", Duration::from_secs(60), || {
+        !c.ok(&["task", "ls"]).lines().any(|l| l.contains("RUNNING"))
+    });
+    for id in ["web2", "web3"] {
+        c.ok(&["task", "rm", id]);
+        c.ok(&["containers", "rm", id]);
+    }
+    for ns in [&one, &two] {
+        let links = ns.out("ip -o link show");
+        assert!(!links.contains("tap0_hearth"), "a tap left in {}: {links}", ns.name);
+        assert!(!ns.out("tc qdisc show dev eth0").contains("ingress"), "a qdisc left in {}", ns.name);
+    }
 }
