@@ -5,6 +5,7 @@
 //! Run by hand without those, a suite fails and says how to run it.
 
 pub mod agent;
+pub mod cni;
 pub mod containerd;
 pub mod distro;
 

@@ -17,9 +17,12 @@
 //! - `hog MIB`: allocates and dirties MIB MiB, to get OOM-killed in a
 //!   memory-limited container (see `hog`).
 //! - `tcp-echo PORT [ADDR]`: listens on TCP port PORT (at ADDR, by default
-//!   every address) and echoes
-//!   every connection until its end, one at a time, forever (the network
-//!   suite: the host reaches a server in the VM).
+//!   every address) and echoes every connection until its end, each on a
+//!   thread of its own, forever (the network suite: the host reaches a
+//!   server in the VM).
+//! - `tcp-check ADDR PORT BYTES`: sends BYTES pseudo-random bytes to a
+//!   `tcp-echo` while reading them back and checks each, then prints
+//!   `HEARTH-TCP-CHECK: ok BYTES` (container to container).
 
 mod fuse_hello;
 mod hog;
@@ -244,10 +247,32 @@ fn tcp_echo(port: u16, addr: &str) -> std::io::Result<()> {
     for conn in listener.incoming() {
         let mut conn = conn?;
         let mut back = conn.try_clone()?;
-        let _ = std::io::copy(&mut conn, &mut back);
+        std::thread::spawn(move || std::io::copy(&mut conn, &mut back));
     }
     Ok(())
 }
+
+/// Sends `bytes` pseudo-random bytes to a `tcp-echo` at ADDR:PORT while
+/// reading them back, and checks that every byte came back in order.
+fn tcp_check(addr: &str, port: u16, bytes: usize) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect((addr, port))?;
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+    let data: Vec<u8> = pattern(0x7463_7063, bytes);
+    let mut writer = conn.try_clone()?;
+    let sent = data.clone();
+    let w = std::thread::spawn(move || writer.write_all(&sent));
+    let mut back = vec![0u8; bytes];
+    conn.read_exact(&mut back)?;
+    w.join().map_err(|_| std::io::Error::other("the writer panicked"))??;
+    if back != data {
+        let at = back.iter().zip(&data).position(|(a, b)| a != b).unwrap_or(0);
+        return Err(std::io::Error::other(format!("the echo differs from byte {at} on")));
+    }
+    println!("HEARTH-TCP-CHECK: ok {bytes}");
+    Ok(())
+}
+
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -281,6 +306,10 @@ fn main() -> ExitCode {
             Some(port) => tcp_echo(port as u16, args.get(3).map(String::as_str).unwrap_or("0.0.0.0")),
             _ => Err(std::io::Error::other("usage: tcp-echo PORT [ADDR]")),
         },
+        Some("tcp-check") => match (args.get(2), num(3), num(4)) {
+            (Some(addr), Some(port), Some(bytes)) => tcp_check(addr, port as u16, bytes),
+            _ => Err(std::io::Error::other("usage: tcp-check ADDR PORT BYTES")),
+        },
         Some("hog") => match num(2) {
             Some(mib) => hog::run(mib),
             _ => Err(std::io::Error::other("usage: hog MIB")),
@@ -290,7 +319,7 @@ fn main() -> ExitCode {
             _ => Err(std::io::Error::other("usage: time-runs N LABEL -- COMMAND...")),
         },
         _ => Err(std::io::Error::other(
-            "usage: hearth-guest-tool vsock-echo-server|vsock-echo-client|vsock-sink|vsock-flood|stdio-impostor|fuse-hello|hog|tcp-echo|time-runs ...",
+            "usage: hearth-guest-tool vsock-echo-server|vsock-echo-client|vsock-sink|vsock-flood|stdio-impostor|fuse-hello|hog|tcp-echo|tcp-check|time-runs ...",
         )),
     };
     match result {
