@@ -33,7 +33,7 @@ const EXPECTED_SECS: &[(&str, u64)] = &[
     ("fuzz", 290),
     ("containerd", 170),
     ("escape", 160),
-    ("network", 190),
+    ("network", 240),
     ("unit", 110),
     ("devices", 95),
     ("agent", 27),
