@@ -1,6 +1,6 @@
 //! Container networking from the network namespace its caller made (CNI
 //! from nerdctl or the CRI, Docker's bridge network), as Kata's shim does
-//! it (docs/networking.md): for each interface there with an IPv4 address
+//! it (docs/networking.md): for each interface there with an address
 //! (the veth CNI made), a tap in that same namespace, traffic redirected
 //! both ways between the two with tc (an ingress qdisc and a `mirred`
 //! filter on each), the tap handed to a NIC slot of hearth-vmm, and the
@@ -38,10 +38,13 @@ struct HostInterface {
     mac: String,
     mtu: u32,
     ipv4: Vec<String>,
+    /// Global-scope IPv6 addresses (link-local ones the guest makes itself
+    /// from the MAC).
+    ipv6: Vec<String>,
 }
 
 /// The interfaces worth mirroring in `ip -j addr show` output: Ethernet
-/// links other than our own taps, with at least one IPv4 address.
+/// links other than our own taps, with at least one global address.
 fn parse_interfaces(json: &str) -> Result<Vec<HostInterface>> {
     let links: Vec<serde_json::Value> = serde_json::from_str(json).context("parsing `ip -j addr show`")?;
     let mut out = Vec::new();
@@ -50,14 +53,17 @@ fn parse_interfaces(json: &str) -> Result<Vec<HostInterface>> {
         if l["link_type"] != "ether" || name.is_empty() || is_our_tap(name) {
             continue;
         }
-        let ipv4: Vec<String> = l["addr_info"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|a| a["family"] == "inet" && a["scope"] != "host")
-            .filter_map(|a| Some(format!("{}/{}", a["local"].as_str()?, a["prefixlen"].as_u64()?)))
-            .collect();
-        if ipv4.is_empty() {
+        let addresses = |family: &str| -> Vec<String> {
+            l["addr_info"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|a| a["family"] == family && a["scope"] == "global")
+                .filter_map(|a| Some(format!("{}/{}", a["local"].as_str()?, a["prefixlen"].as_u64()?)))
+                .collect()
+        };
+        let (ipv4, ipv6) = (addresses("inet"), addresses("inet6"));
+        if ipv4.is_empty() && ipv6.is_empty() {
             continue;
         }
         out.push(HostInterface {
@@ -65,15 +71,16 @@ fn parse_interfaces(json: &str) -> Result<Vec<HostInterface>> {
             mac: l["address"].as_str().unwrap_or_default().to_string(),
             mtu: l["mtu"].as_u64().unwrap_or(1500) as u32,
             ipv4,
+            ipv6,
         });
     }
     Ok(out)
 }
 
-/// The routes through one interface in `ip -j -4 route show dev X` output,
-/// less those the kernel makes itself for each address's subnet (the guest
-/// kernel makes them again).
-fn parse_routes(json: &str) -> Result<Vec<pb::Route>> {
+/// The routes through one interface in `ip -j -4|-6 route show dev X`
+/// output, less those the kernel makes itself for each address's subnet
+/// (the guest kernel makes them again) and IPv6's link-local ones.
+fn parse_routes(json: &str, v6: bool) -> Result<Vec<pb::Route>> {
     let routes: Vec<serde_json::Value> = serde_json::from_str(json).context("parsing `ip -j route show`")?;
     let mut out = Vec::new();
     for r in routes {
@@ -81,10 +88,15 @@ fn parse_routes(json: &str) -> Result<Vec<pb::Route>> {
             continue;
         }
         let Some(dst) = r["dst"].as_str() else { continue };
-        let destination = match dst {
-            "default" => "0.0.0.0/0".to_string(),
-            d if d.contains('/') => d.to_string(),
-            d => format!("{d}/32"),
+        if dst.starts_with("fe80:") {
+            continue;
+        }
+        let destination = match (dst, v6) {
+            ("default", false) => "0.0.0.0/0".to_string(),
+            ("default", true) => "::/0".to_string(),
+            (d, _) if d.contains('/') => d.to_string(),
+            (d, false) => format!("{d}/32"),
+            (d, true) => format!("{d}/128"),
         };
         let gateway = r["gateway"].as_str().unwrap_or_default().to_string();
         out.push(pb::Route { destination, gateway, ..Default::default() });
@@ -165,8 +177,12 @@ impl Mirrored {
         let interfaces = parse_interfaces(&in_netns(&self.netns, &["ip", "-j", "addr", "show"])?)?;
         let mut nics = Vec::new();
         for (i, host) in interfaces.iter().enumerate() {
-            let routes =
-                parse_routes(&in_netns(&self.netns, &["ip", "-j", "-4", "route", "show", "dev", &host.name])?)?;
+            let mut routes =
+                parse_routes(&in_netns(&self.netns, &["ip", "-j", "-4", "route", "show", "dev", &host.name])?, false)?;
+            if !host.ipv6.is_empty() {
+                let v6 = in_netns(&self.netns, &["ip", "-j", "-6", "route", "show", "dev", &host.name])?;
+                routes.extend(parse_routes(&v6, true)?);
+            }
             let tap_name = tap_name(i);
             let tap = open_tap_in(&self.netns, &tap_name)?;
             let nic = nic_id(id, i);
@@ -195,6 +211,7 @@ impl Mirrored {
                 mac: host.mac.clone(),
                 mtu: host.mtu,
                 ipv4: host.ipv4.clone(),
+                ipv6: host.ipv6.clone(),
                 routes,
                 ..Default::default()
             });
@@ -260,12 +277,22 @@ mod tests {
         ]"#;
         assert_eq!(
             parse_interfaces(json).unwrap(),
-            vec![HostInterface {
-                name: "eth0".into(),
-                mac: "0a:58:0a:58:00:05".into(),
-                mtu: 1450,
-                ipv4: vec!["10.88.0.5/16".into()],
-            }]
+            vec![
+                HostInterface {
+                    name: "eth0".into(),
+                    mac: "0a:58:0a:58:00:05".into(),
+                    mtu: 1450,
+                    ipv4: vec!["10.88.0.5/16".into()],
+                    ipv6: vec![],
+                },
+                HostInterface {
+                    name: "eth1".into(),
+                    mac: "0a:58:0a:58:00:06".into(),
+                    mtu: 1500,
+                    ipv4: vec![],
+                    ipv6: vec!["fd00::5/64".into()],
+                }
+            ]
         );
         assert!(parse_interfaces("not json").is_err());
     }
@@ -279,9 +306,21 @@ mod tests {
           {"dst":"10.1.2.3","dev":"eth0","scope":"link","flags":[]},
           {"type":"broadcast","dst":"10.88.255.255","dev":"eth0","flags":[]}
         ]"#;
-        let r = parse_routes(json).unwrap();
+        let r = parse_routes(json, false).unwrap();
         let got: Vec<(&str, &str)> = r.iter().map(|r| (r.destination.as_str(), r.gateway.as_str())).collect();
         assert_eq!(got, vec![("0.0.0.0/0", "10.88.0.1"), ("192.168.7.0/24", "10.88.0.254"), ("10.1.2.3/32", "")]);
+    }
+
+    #[test]
+    fn ipv6_routes_keep_the_default_and_leave_link_local_out() {
+        let json = r#"[
+          {"dst":"fd00:77::/64","dev":"eth0","protocol":"kernel","metric":256,"flags":[]},
+          {"dst":"fe80::/64","dev":"eth0","protocol":"kernel","metric":256,"flags":[]},
+          {"dst":"default","gateway":"fd00:77::1","dev":"eth0","metric":1024,"flags":[]}
+        ]"#;
+        let r = parse_routes(json, true).unwrap();
+        let got: Vec<(&str, &str)> = r.iter().map(|r| (r.destination.as_str(), r.gateway.as_str())).collect();
+        assert_eq!(got, vec![("::/0", "fd00:77::1")]);
     }
 
     #[test]

@@ -224,8 +224,9 @@ fn a_subnet_the_host_already_uses_is_refused_with_its_fix() {
 
 /// A network namespace as a CNI plugin leaves it (the bridge plugin's
 /// shape, without the bridge): a veth pair whose host end holds the
-/// gateway address, and whose other end, `eth0` in the namespace, holds the
-/// container's address, a MAC and MTU of its own, and the default route.
+/// gateway addresses, and whose other end, `eth0` in the namespace, holds
+/// the container's addresses (IPv4 and IPv6), a MAC and MTU of its own, and
+/// the default routes.
 struct CniNamespace {
     name: String,
     host_end: String,
@@ -246,6 +247,11 @@ impl CniNamespace {
             format!("ip -n {name} link set eth0 up"),
             format!("ip -n {name} link set lo up"),
             format!("ip -n {name} route add default via {gw}"),
+            // Dual stack, as CNI's bridge plugin gives with an IPv6 range
+            // (nodad: the addresses are usable at once).
+            format!("ip addr add fd00:{subnet}::1/64 dev {host_end} nodad"),
+            format!("ip -n {name} addr add fd00:{subnet}::2/64 dev eth0 nodad"),
+            format!("ip -n {name} -6 route add default via fd00:{subnet}::1"),
         ] {
             let o = Command::new("sh").args(["-c", &cmd]).output().unwrap();
             assert!(o.status.success(), "{cmd}: {}", String::from_utf8_lossy(&o.stderr));
@@ -303,6 +309,8 @@ fn containers_in_cni_namespaces_are_reached_at_their_addresses() {
             "hearth-guest-tool",
             "tcp-echo",
             "8080",
+            // IPv6 and IPv4 both.
+            "::",
         ]);
     };
     serve("web1", &one);
@@ -317,17 +325,20 @@ fn containers_in_cni_namespaces_are_reached_at_their_addresses() {
         "web1",
         "sh",
         "-c",
-        "ip -o link show eth0; ip -4 -o addr show; ip -4 route",
+        "ip -o link show eth0; ip -4 -o addr show; ip -4 route; ip -6 -o addr show scope global; ip -6 route",
     ]);
     assert!(seen.contains("0a:58:0a:4d:00:02"), "the veth's MAC: {seen}");
     assert!(seen.contains("mtu 1400"), "the veth's MTU: {seen}");
     assert!(seen.contains("10.77.0.2/24"), "the veth's address: {seen}");
     assert!(seen.contains("default via 10.77.0.1"), "the default route: {seen}");
     assert!(!seen.contains("10.89.0."), "not the VM's own network: {seen}");
+    assert!(seen.contains("fd00:77::2/64"), "the veth's IPv6 address: {seen}");
+    assert!(seen.contains("default via fd00:77::1"), "the IPv6 default route: {seen}");
 
     // Reached from the host at each address, and the host reached back.
     assert_eq!(echo_at("10.77.0.2", 8080, 60).as_deref(), Some("through the bridge\n"), "web1 at 10.77.0.2");
     assert_eq!(echo_at("10.78.0.2", 8080, 60).as_deref(), Some("through the bridge\n"), "web2 at 10.78.0.2");
+    assert_eq!(echo_at("fd00:77::2", 8080, 60).as_deref(), Some("through the bridge\n"), "web1 at fd00:77::2");
     let ping = c.ok(&[
         "task",
         "exec",
@@ -440,20 +451,53 @@ fn containers_on_a_cni_bridge_network_work_as_with_runc() {
     let c = Containerd::start(&env, &scratch, 3);
     let serve = |id: &str, at: &cni::Attachment| {
         let with_ns = format!("network:{}", at.path());
-        c.ok(&["run", "-d", "--runtime", RUNTIME, "--with-ns", &with_ns, IMAGE, id, "hearth-guest-tool", "tcp-echo", "8080"]);
+        c.ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            "--with-ns",
+            &with_ns,
+            IMAGE,
+            id,
+            "hearth-guest-tool",
+            "tcp-echo",
+            "8080",
+        ]);
     };
     serve("web-a", &a);
     serve("web-b", &b);
 
-    let seen = c.ok(&["task", "exec", "--exec-id", "look", "web-a", "sh", "-c", "ip -4 -o addr show eth0; ip -4 route"]);
+    let seen =
+        c.ok(&["task", "exec", "--exec-id", "look", "web-a", "sh", "-c", "ip -4 -o addr show eth0; ip -4 route"]);
     assert!(seen.contains(&format!("{}/24", a.ip)), "web-a has the address CNI gave ({}): {seen}", a.ip);
     assert!(seen.contains("default via 10.66.0.1"), "and CNI's default route: {seen}");
 
     // Host to container, container to container, container to host.
     round_trip(&mut connect(&a.ip, 8080), 1 << 20, 1, "host to web-a");
-    let check = c.ok(&["task", "exec", "--exec-id", "check", "web-b", "hearth-guest-tool", "tcp-check", &a.ip, "8080", "1048576"]);
+    let check = c.ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "check",
+        "web-b",
+        "hearth-guest-tool",
+        "tcp-check",
+        &a.ip,
+        "8080",
+        "1048576",
+    ]);
     assert_eq!(check.trim(), "HEARTH-TCP-CHECK: ok 1048576", "web-b to web-a");
-    let ping = c.ok(&["task", "exec", "--exec-id", "ping", "web-a", "sh", "-c", "ping -c 2 -W 10 10.66.0.1 >/dev/null && echo reached"]);
+    let ping = c.ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "ping",
+        "web-a",
+        "sh",
+        "-c",
+        "ping -c 2 -W 10 10.66.0.1 >/dev/null && echo reached",
+    ]);
     assert_eq!(ping, "reached\n", "web-a reaches the host at its gateway");
 
     // portmap: the host's own address, port 18080, reaches web-a's 8080.

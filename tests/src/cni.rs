@@ -110,10 +110,12 @@ impl Network {
             bridge_result: Value::Null,
         };
         a.bridge_result = run_plugin("bridge", "ADD", id, &path, &self.bridge_conf()).unwrap_or_else(|e| panic!("{e}"));
-        let cidr = a.bridge_result["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("no address: {}", a.bridge_result));
+        let cidr =
+            a.bridge_result["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("no address: {}", a.bridge_result));
         a.ip = cidr.split('/').next().unwrap().to_string();
         if let Some(p) = port {
-            run_plugin("portmap", "ADD", id, &path, &self.portmap_conf(p, &a.bridge_result)).unwrap_or_else(|e| panic!("{e}"));
+            run_plugin("portmap", "ADD", id, &path, &self.portmap_conf(p, &a.bridge_result))
+                .unwrap_or_else(|e| panic!("{e}"));
         }
         a
     }

@@ -29,7 +29,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("libcap-ng-dev", "building virtiofsd"),
     ("iproute2", "taps for virtio-net in the e2e suites; the shim's bridge and taps for the VM's network"),
     ("nftables", "nft, with which the shim masquerades the VMs' network (docs/networking.md)"),
-    ("containernetworking-plugins", "CNI's bridge, host-local and portmap, run by the network suite as the CRI runs them"),
+    (
+        "containernetworking-plugins",
+        "CNI's bridge, host-local and portmap, run by the network suite as the CRI runs them",
+    ),
     ("iptables", "CNI's portmap plugin programs the host's NAT with it (iptables-nft)"),
     ("mmdebstrap", "the Debian test image (docker.io/hearth/debian) and the distros, made as root from the mirror"),
     (

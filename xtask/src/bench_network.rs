@@ -75,9 +75,22 @@ pub fn run() -> Result<()> {
     let on_hearth = net.attach("bench-hearth", "hearth-bench-h", None);
     let on_runc = net.attach("bench-runc", "hearth-bench-r", None);
     let c = Containerd::start(&env, &scratch, 600);
-    for (id, runtime, at) in [("bench-hearth", RUNTIME, &on_hearth), ("bench-runc", "io.containerd.runc.v2", &on_runc)] {
+    for (id, runtime, at) in [("bench-hearth", RUNTIME, &on_hearth), ("bench-runc", "io.containerd.runc.v2", &on_runc)]
+    {
         let with_ns = format!("network:{}", at.path());
-        c.ok(&["run", "-d", "--runtime", runtime, "--with-ns", &with_ns, IMAGE, id, "hearth-guest-tool", "tcp-echo", "8080"]);
+        c.ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            runtime,
+            "--with-ns",
+            &with_ns,
+            IMAGE,
+            id,
+            "hearth-guest-tool",
+            "tcp-echo",
+            "8080",
+        ]);
     }
     let (mut ht, mut rt, mut hl, mut rl) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..RUNS {

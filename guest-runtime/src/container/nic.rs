@@ -11,7 +11,7 @@
 //! RTM_NEWLINK message, built here rather than with a netlink stack.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use hearth_agent_protocol::agent::Interface;
@@ -47,13 +47,88 @@ pub fn validate(nic: &Interface) -> io::Result<()> {
     for a in &nic.ipv4 {
         parse_cidr(a)?;
     }
+    for a in &nic.ipv6 {
+        parse_cidr6(a)?;
+    }
     for r in &nic.routes {
-        parse_cidr(&r.destination)?;
-        if !r.gateway.is_empty() {
-            r.gateway.parse::<Ipv4Addr>().map_err(|_| bad(format!("route gateway {:?}", r.gateway)))?;
-        }
+        route(r)?;
     }
     Ok(())
+}
+
+/// Parses an IPv6 `ADDR/PREFIX`.
+fn parse_cidr6(s: &str) -> io::Result<(Ipv6Addr, u8)> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidInput, format!("{s:?} is not an IPv6 ADDR/PREFIX"));
+    let (a, p) = s.split_once('/').ok_or_else(bad)?;
+    let addr: Ipv6Addr = a.parse().map_err(|_| bad())?;
+    let prefix: u8 = p.parse().map_err(|_| bad())?;
+    if prefix > 128 {
+        return Err(bad());
+    }
+    Ok((addr, prefix))
+}
+
+/// A route of either family, parsed.
+enum ParsedRoute {
+    Route4 { dst: Ipv4Addr, mask: Ipv4Addr, gateway: Option<Ipv4Addr> },
+    Route6 { dst: Ipv6Addr, prefix: u8, gateway: Option<Ipv6Addr> },
+}
+use ParsedRoute::{Route4, Route6};
+
+fn route(r: &hearth_agent_protocol::agent::Route) -> io::Result<ParsedRoute> {
+    let bad = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
+    if r.destination.contains(':') {
+        let (dst, prefix) = parse_cidr6(&r.destination)?;
+        let gateway = match r.gateway.as_str() {
+            "" => None,
+            g => Some(g.parse::<Ipv6Addr>().map_err(|_| bad(format!("route gateway {g:?} is not an IPv6 address")))?),
+        };
+        Ok(Route6 { dst, prefix, gateway })
+    } else {
+        let (dst, mask) = parse_cidr(&r.destination)?;
+        let gateway = match r.gateway.as_str() {
+            "" => None,
+            g => Some(g.parse::<Ipv4Addr>().map_err(|_| bad(format!("route gateway {g:?} is not an IPv4 address")))?),
+        };
+        Ok(Route4 { dst, mask, gateway })
+    }
+}
+
+/// The kernel's `struct in6_rtmsg` (linux/ipv6_route.h), for SIOCADDRT on
+/// an AF_INET6 socket.
+#[repr(C)]
+struct In6Rtmsg {
+    dst: libc::in6_addr,
+    src: libc::in6_addr,
+    gateway: libc::in6_addr,
+    kind: u32,
+    dst_len: u16,
+    src_len: u16,
+    metric: u32,
+    info: libc::c_ulong,
+    flags: u32,
+    ifindex: libc::c_int,
+}
+
+fn in6(a: Ipv6Addr) -> libc::in6_addr {
+    libc::in6_addr { s6_addr: a.octets() }
+}
+
+fn inet6_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn add_ipv6(sock6: &OwnedFd, name: &str, ifindex: u32, cidr: &str) -> io::Result<()> {
+    let (addr, prefix) = parse_cidr6(cidr)?;
+    let mut req =
+        libc::in6_ifreq { ifr6_addr: in6(addr), ifr6_prefixlen: prefix as u32, ifr6_ifindex: ifindex as libc::c_int };
+    ioctl(sock6, libc::SIOCSIFADDR, &mut req as *mut _ as *mut _, &format!("setting {name}'s address {cidr}"))
 }
 
 /// The permanent MAC of interface `name` (ETHTOOL_GPERMADDR).
@@ -270,28 +345,59 @@ pub fn move_into(pid: i32, nic: &Interface) -> io::Result<()> {
             req.ifr_ifru.ifru_netmask = sockaddr(mask);
             ioctl(&sock, libc::SIOCSIFNETMASK, &mut req as *mut _ as *mut _, &format!("setting {label}'s netmask"))?;
         }
+        let ifindex = index_of(&nic.name)?;
+        let sock6 = if nic.ipv6.is_empty() && !nic.routes.iter().any(|r| r.destination.contains(':')) {
+            None
+        } else {
+            Some(inet6_socket()?)
+        };
+        for a in &nic.ipv6 {
+            add_ipv6(sock6.as_ref().expect("made above"), &nic.name, ifindex, a)?;
+        }
         set_flags(&sock, &nic.name, true)?;
         let dev = std::ffi::CString::new(nic.name.clone()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         for r in &nic.routes {
-            let (dst, mask) = parse_cidr(&r.destination)?;
-            // SAFETY: rtentry is plain old data.
-            let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
-            rt.rt_dst = sockaddr(dst);
-            rt.rt_genmask = sockaddr(mask);
-            rt.rt_flags = libc::RTF_UP;
-            if !r.gateway.is_empty() {
-                rt.rt_gateway = sockaddr(r.gateway.parse().expect("validated"));
-                rt.rt_flags |= libc::RTF_GATEWAY;
+            let what = format!("adding the route to {}", r.destination);
+            match route(r)? {
+                Route4 { dst, mask, gateway } => {
+                    // SAFETY: rtentry is plain old data.
+                    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+                    rt.rt_dst = sockaddr(dst);
+                    rt.rt_genmask = sockaddr(mask);
+                    rt.rt_flags = libc::RTF_UP;
+                    if let Some(gw) = gateway {
+                        rt.rt_gateway = sockaddr(gw);
+                        rt.rt_flags |= libc::RTF_GATEWAY;
+                    }
+                    rt.rt_dev = dev.as_ptr() as *mut libc::c_char;
+                    ioctl(&sock, libc::SIOCADDRT, &mut rt as *mut _ as *mut _, &what)?;
+                }
+                Route6 { dst, prefix, gateway } => {
+                    let mut rt = In6Rtmsg {
+                        dst: in6(dst),
+                        src: in6(Ipv6Addr::UNSPECIFIED),
+                        gateway: in6(gateway.unwrap_or(Ipv6Addr::UNSPECIFIED)),
+                        kind: 0,
+                        dst_len: prefix as u16,
+                        src_len: 0,
+                        metric: 1024,
+                        info: 0,
+                        flags: (libc::RTF_UP | if gateway.is_some() { libc::RTF_GATEWAY } else { 0 }) as u32,
+                        ifindex: ifindex as libc::c_int,
+                    };
+                    let sock6 = sock6.as_ref().expect("made above");
+                    ioctl(sock6, libc::SIOCADDRT, &mut rt as *mut _ as *mut _, &what)?;
+                }
             }
-            rt.rt_dev = dev.as_ptr() as *mut libc::c_char;
-            ioctl(
-                &sock,
-                libc::SIOCADDRT,
-                &mut rt as *mut _ as *mut _,
-                &format!("adding the route to {}", r.destination),
-            )?;
         }
-        tracing::info!(name = nic.name, mac = nic.mac, addresses = ?nic.ipv4, routes = nic.routes.len(), "container NIC up");
+        tracing::info!(
+            name = nic.name,
+            mac = nic.mac,
+            ipv4 = ?nic.ipv4,
+            ipv6 = ?nic.ipv6,
+            routes = nic.routes.len(),
+            "container NIC up"
+        );
         Ok(())
     })
 }
@@ -333,12 +439,27 @@ mod tests {
             |n| n.ipv4 = vec!["10.0.0.1".into()],
             |n| n.routes[0].gateway = "gw".into(),
             |n| n.routes[0].destination = "default".into(),
+            |n| n.ipv6 = vec!["fd00::5".into()],
+            |n| n.ipv6 = vec!["fd00::5/129".into()],
+            |n| n.routes[0].gateway = "fd00::1".into(),
+            |n| n.routes = vec![Route { destination: "::/0".into(), gateway: "10.0.0.1".into(), ..Default::default() }],
         ];
         for (i, change) in cases.into_iter().enumerate() {
             let mut n = nic();
             change(&mut n);
             assert!(validate(&n).is_err(), "case {i}");
         }
+    }
+
+    #[test]
+    fn ipv6_addresses_and_routes_are_understood() {
+        let mut n = nic();
+        n.ipv6 = vec!["fd00:88::5/64".into()];
+        n.routes.push(Route { destination: "::/0".into(), gateway: "fd00:88::1".into(), ..Default::default() });
+        assert!(validate(&n).is_ok());
+        assert_eq!(parse_cidr6("fd00:88::5/64").unwrap(), ("fd00:88::5".parse().unwrap(), 64));
+        assert!(matches!(route(&n.routes[1]).unwrap(), Route6 { prefix: 0, gateway: Some(_), .. }));
+        assert_eq!(std::mem::size_of::<In6Rtmsg>(), 80, "the kernel's struct in6_rtmsg");
     }
 
     #[test]

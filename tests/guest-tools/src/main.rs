@@ -273,7 +273,6 @@ fn tcp_check(addr: &str, port: u16, bytes: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let num = |i: usize| args.get(i).and_then(|s| s.parse::<usize>().ok());
