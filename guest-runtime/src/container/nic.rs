@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use hearth_agent_protocol::agent::Interface;
 
-use crate::pid1::network::{ifreq, inet_socket, ioctl, parse_cidr, set_up, sockaddr};
+use crate::pid1::network::{ifreq, in_netns_of, inet6_socket, inet_socket, ioctl, parse_cidr, set_up, sockaddr};
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> io::Result<[u8; 6]> {
@@ -112,16 +112,6 @@ struct In6Rtmsg {
 
 fn in6(a: Ipv6Addr) -> libc::in6_addr {
     libc::in6_addr { s6_addr: a.octets() }
-}
-
-fn inet6_socket() -> io::Result<OwnedFd> {
-    // SAFETY: socket(2) returns a new descriptor or -1.
-    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn add_ipv6(sock6: &OwnedFd, name: &str, ifindex: u32, cidr: &str) -> io::Result<()> {
@@ -291,22 +281,6 @@ fn ack_error(reply: &[u8]) -> io::Result<()> {
         0 => Ok(()),
         e => Err(io::Error::from_raw_os_error(-e)),
     }
-}
-
-/// Runs `f` on a thread of its own that has entered the network namespace
-/// of process `pid`; the thread ends with it.
-fn in_netns_of<T: Send + 'static>(pid: i32, f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
-    std::thread::spawn(move || {
-        // SAFETY: setns on a namespace descriptor we own; it changes only
-        // this thread, which ends after f.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        f()
-    })
-    .join()
-    .map_err(|_| io::Error::other("the network namespace thread panicked"))?
 }
 
 /// Gives the container whose init is `pid` (created, in a network namespace

@@ -54,8 +54,17 @@ pub(crate) fn set_up(sock: &OwnedFd, name: &str) -> io::Result<()> {
 
 /// An AF_INET datagram socket, for the interface ioctls.
 pub(crate) fn inet_socket() -> io::Result<OwnedFd> {
+    socket_of(libc::AF_INET)
+}
+
+/// An AF_INET6 datagram socket, for the IPv6 address and route ioctls.
+pub(crate) fn inet6_socket() -> io::Result<OwnedFd> {
+    socket_of(libc::AF_INET6)
+}
+
+fn socket_of(family: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: socket(2) returns a new descriptor or -1.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -77,13 +86,7 @@ pub fn parse_cidr(s: &str) -> io::Result<(Ipv4Addr, Ipv4Addr)> {
 }
 
 pub fn bring_up(params: &BootParams) -> io::Result<()> {
-    // SAFETY: socket(2) returns a new descriptor or -1.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor we own.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sock = inet_socket()?;
     set_up(&sock, "lo")?;
     let Some(ip) = &params.ip else { return Ok(()) };
     let (addr, mask) = parse_cidr(ip)?;
@@ -127,24 +130,27 @@ pub fn loopback_up_in(pid: i32) -> io::Result<()> {
     if (theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()) {
         return Ok(());
     }
+    in_netns_of(pid, || set_up(&inet_socket()?, "lo"))
+}
+
+/// Runs `f` on a thread of its own that has entered the network namespace
+/// of process `pid`; the thread ends with it, and no other thread of the
+/// agent ever leaves the VM's namespace.
+pub(crate) fn in_netns_of<T: Send + 'static>(
+    pid: i32,
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
     let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
-    std::thread::spawn(move || -> io::Result<()> {
+    std::thread::spawn(move || {
         // SAFETY: setns on a namespace descriptor we own; it changes only
-        // this thread, which ends below.
+        // this thread, which ends after f.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: socket(2) returns a new descriptor or -1.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor we own.
-        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-        set_up(&sock, "lo")
+        f()
     })
     .join()
-    .map_err(|_| io::Error::other("the loopback thread panicked"))?
+    .map_err(|_| io::Error::other("the network namespace thread panicked"))?
 }
 
 /// The VM's resolver configuration, which containers sharing the VM's
