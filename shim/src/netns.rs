@@ -81,6 +81,10 @@ fn parse_interfaces(json: &str) -> Result<Vec<HostInterface>> {
 /// output, less those the kernel makes itself for each address's subnet
 /// (the guest kernel makes them again) and IPv6's link-local ones.
 fn parse_routes(json: &str, v6: bool) -> Result<Vec<pb::Route>> {
+    // iproute2 prints `[]` for none; older ones print nothing.
+    if json.trim().is_empty() {
+        return Ok(Vec::new());
+    }
     let routes: Vec<serde_json::Value> = serde_json::from_str(json).context("parsing `ip -j route show`")?;
     let mut out = Vec::new();
     for r in routes {
@@ -102,6 +106,26 @@ fn parse_routes(json: &str, v6: bool) -> Result<Vec<pb::Route>> {
         out.push(pb::Route { destination, gateway, ..Default::default() });
     }
     Ok(out)
+}
+
+/// The permanent neighbour entries in `ip -j neigh show dev X nud
+/// permanent` output (a CNI plugin's static ARP or NDP entries).
+fn parse_neighbours(json: &str) -> Result<Vec<pb::Neighbour>> {
+    if json.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let entries: Vec<serde_json::Value> = serde_json::from_str(json).context("parsing `ip -j neigh show`")?;
+    Ok(entries
+        .iter()
+        .filter(|n| n["state"].as_array().is_some_and(|s| s.iter().any(|s| s == "PERMANENT")))
+        .filter_map(|n| {
+            Some(pb::Neighbour {
+                ip: n["dst"].as_str()?.to_string(),
+                mac: n["lladdr"].as_str()?.to_string(),
+                ..Default::default()
+            })
+        })
+        .collect())
 }
 
 const TAP_PREFIX: &str = "tap";
@@ -183,6 +207,10 @@ impl Mirrored {
                 let v6 = in_netns(&self.netns, &["ip", "-j", "-6", "route", "show", "dev", &host.name])?;
                 routes.extend(parse_routes(&v6, true)?);
             }
+            let neighbours = parse_neighbours(&in_netns(
+                &self.netns,
+                &["ip", "-j", "neigh", "show", "dev", &host.name, "nud", "permanent"],
+            )?)?;
             let tap_name = tap_name(i);
             let tap = open_tap_in(&self.netns, &tap_name)?;
             let nic = nic_id(id, i);
@@ -213,6 +241,7 @@ impl Mirrored {
                 ipv4: host.ipv4.clone(),
                 ipv6: host.ipv6.clone(),
                 routes,
+                neighbours,
                 ..Default::default()
             });
         }
@@ -321,6 +350,19 @@ mod tests {
         let r = parse_routes(json, true).unwrap();
         let got: Vec<(&str, &str)> = r.iter().map(|r| (r.destination.as_str(), r.gateway.as_str())).collect();
         assert_eq!(got, vec![("::/0", "fd00:77::1")]);
+    }
+
+    #[test]
+    fn permanent_neighbours_are_kept_and_learnt_ones_are_not() {
+        let json = r#"[
+          {"dst":"10.77.0.9","dev":"eth0","lladdr":"0a:58:00:00:00:09","state":["PERMANENT"]},
+          {"dst":"10.77.0.1","dev":"eth0","lladdr":"0a:58:00:00:00:01","state":["REACHABLE"]},
+          {"dst":"fd00:77::9","dev":"eth0","lladdr":"0a:58:00:00:00:09","state":["PERMANENT"]}
+        ]"#;
+        let n = parse_neighbours(json).unwrap();
+        assert!(parse_neighbours("").unwrap().is_empty() && parse_neighbours("[]").unwrap().is_empty());
+        let got: Vec<(&str, &str)> = n.iter().map(|n| (n.ip.as_str(), n.mac.as_str())).collect();
+        assert_eq!(got, vec![("10.77.0.9", "0a:58:00:00:00:09"), ("fd00:77::9", "0a:58:00:00:00:09")]);
     }
 
     #[test]

@@ -252,6 +252,9 @@ impl CniNamespace {
             format!("ip addr add fd00:{subnet}::1/64 dev {host_end} nodad"),
             format!("ip -n {name} addr add fd00:{subnet}::2/64 dev eth0 nodad"),
             format!("ip -n {name} -6 route add default via fd00:{subnet}::1"),
+            // Static neighbours, as some CNI plugins set.
+            format!("ip -n {name} neigh add 10.{subnet}.0.9 lladdr 0a:58:00:00:00:09 dev eth0 nud permanent"),
+            format!("ip -n {name} neigh add fd00:{subnet}::9 lladdr 0a:58:00:00:00:09 dev eth0 nud permanent"),
         ] {
             let o = Command::new("sh").args(["-c", &cmd]).output().unwrap();
             assert!(o.status.success(), "{cmd}: {}", String::from_utf8_lossy(&o.stderr));
@@ -325,7 +328,8 @@ fn containers_in_cni_namespaces_are_reached_at_their_addresses() {
         "web1",
         "sh",
         "-c",
-        "ip -o link show eth0; ip -4 -o addr show; ip -4 route; ip -6 -o addr show scope global; ip -6 route",
+        "ip -o link show eth0; ip -4 -o addr show; ip -4 route; ip -6 -o addr show scope global; ip -6 route; \
+         cat /proc/net/arp; ip -6 neigh show",
     ]);
     assert!(seen.contains("0a:58:0a:4d:00:02"), "the veth's MAC: {seen}");
     assert!(seen.contains("mtu 1400"), "the veth's MTU: {seen}");
@@ -334,6 +338,14 @@ fn containers_in_cni_namespaces_are_reached_at_their_addresses() {
     assert!(!seen.contains("10.89.0."), "not the VM's own network: {seen}");
     assert!(seen.contains("fd00:77::2/64"), "the veth's IPv6 address: {seen}");
     assert!(seen.contains("default via fd00:77::1"), "the IPv6 default route: {seen}");
+    assert!(
+        seen.lines().any(|l| l.starts_with("10.77.0.9 ") && l.contains("0a:58:00:00:00:09")),
+        "the static ARP entry: {seen}"
+    );
+    assert!(
+        seen.lines().any(|l| l.starts_with("fd00:77::9 ") && l.contains("0a:58:00:00:00:09")),
+        "the static NDP entry: {seen}"
+    );
 
     // Reached from the host at each address, and the host reached back.
     assert_eq!(echo_at("10.77.0.2", 8080, 60).as_deref(), Some("through the bridge\n"), "web1 at 10.77.0.2");

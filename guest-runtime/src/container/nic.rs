@@ -53,6 +53,10 @@ pub fn validate(nic: &Interface) -> io::Result<()> {
     for r in &nic.routes {
         route(r)?;
     }
+    for n in &nic.neighbours {
+        n.ip.parse::<std::net::IpAddr>().map_err(|_| bad(format!("neighbour {:?} is not an address", n.ip)))?;
+        parse_mac(&n.mac)?;
+    }
     Ok(())
 }
 
@@ -216,25 +220,31 @@ fn index_of(name: &str) -> io::Result<u32> {
     }
 }
 
-/// Moves interface `index` into the network namespace of process `pid`
-/// (RTM_NEWLINK with IFLA_NET_NS_PID), and waits for the kernel's answer.
-fn move_to_netns_of(index: u32, pid: i32) -> io::Result<()> {
-    const IFLA_NET_NS_PID: u16 = 19;
-    let mut msg = Vec::with_capacity(40);
-    msg.extend_from_slice(&40u32.to_ne_bytes()); // nlmsg_len
-    msg.extend_from_slice(&libc::RTM_NEWLINK.to_ne_bytes()); // nlmsg_type
-    msg.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+/// One rtnetlink request: a header for `kind` with `flags`, then `body`
+/// (the family's fixed header and its attributes, each padded to 4).
+fn netlink_message(kind: u16, flags: u16, body: &[u8]) -> Vec<u8> {
+    let len = 16 + body.len();
+    let mut msg = Vec::with_capacity(len);
+    msg.extend_from_slice(&(len as u32).to_ne_bytes());
+    msg.extend_from_slice(&kind.to_ne_bytes());
+    msg.extend_from_slice(&(flags | libc::NLM_F_REQUEST as u16 | libc::NLM_F_ACK as u16).to_ne_bytes());
     msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
     msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel's
-    msg.extend_from_slice(&[libc::AF_UNSPEC as u8, 0]); // ifi_family, pad
-    msg.extend_from_slice(&0u16.to_ne_bytes()); // ifi_type
-    msg.extend_from_slice(&(index as i32).to_ne_bytes());
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // ifi_flags
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // ifi_change
-    msg.extend_from_slice(&8u16.to_ne_bytes()); // rta_len
-    msg.extend_from_slice(&IFLA_NET_NS_PID.to_ne_bytes());
-    msg.extend_from_slice(&(pid as u32).to_ne_bytes());
-    debug_assert_eq!(msg.len(), 40);
+    msg.extend_from_slice(body);
+    msg
+}
+
+/// Appends attribute `kind` with `value`, padded to 4 bytes.
+fn attribute(out: &mut Vec<u8>, kind: u16, value: &[u8]) {
+    out.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(value);
+    out.resize(out.len().next_multiple_of(4), 0);
+}
+
+/// Sends `msg` to the kernel on a NETLINK_ROUTE socket made by this thread
+/// (in its network namespace) and waits for the acknowledgement.
+fn netlink_request(msg: &[u8]) -> io::Result<()> {
     // SAFETY: socket(2) returns a new descriptor or -1.
     let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
     if fd < 0 {
@@ -266,6 +276,42 @@ fn move_to_netns_of(index: u32, pid: i32) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     ack_error(&buf[..n as usize])
+}
+
+/// Moves interface `index` into the network namespace of process `pid`
+/// (RTM_NEWLINK with IFLA_NET_NS_PID).
+fn move_to_netns_of(index: u32, pid: i32) -> io::Result<()> {
+    const IFLA_NET_NS_PID: u16 = 19;
+    let mut body = Vec::new();
+    body.extend_from_slice(&[libc::AF_UNSPEC as u8, 0]); // ifi_family, pad
+    body.extend_from_slice(&0u16.to_ne_bytes()); // ifi_type
+    body.extend_from_slice(&(index as i32).to_ne_bytes());
+    body.extend_from_slice(&0u32.to_ne_bytes()); // ifi_flags
+    body.extend_from_slice(&0u32.to_ne_bytes()); // ifi_change
+    attribute(&mut body, IFLA_NET_NS_PID, &(pid as u32).to_ne_bytes());
+    netlink_request(&netlink_message(libc::RTM_NEWLINK, 0, &body))
+}
+
+/// The RTM_NEWNEIGH request for a permanent neighbour `ip` at `mac` on
+/// interface `index` (an ARP entry, or an NDP one for IPv6).
+fn neighbour_message(index: u32, ip: std::net::IpAddr, mac: [u8; 6]) -> Vec<u8> {
+    const NDA_DST: u16 = 1;
+    const NDA_LLADDR: u16 = 2;
+    const NUD_PERMANENT: u16 = 0x80;
+    let (family, dst) = match ip {
+        std::net::IpAddr::V4(a) => (libc::AF_INET, a.octets().to_vec()),
+        std::net::IpAddr::V6(a) => (libc::AF_INET6, a.octets().to_vec()),
+    };
+    let mut body = Vec::new();
+    body.extend_from_slice(&[family as u8, 0]); // ndm_family, pad
+    body.extend_from_slice(&0u16.to_ne_bytes()); // pad
+    body.extend_from_slice(&(index as i32).to_ne_bytes());
+    body.extend_from_slice(&NUD_PERMANENT.to_ne_bytes());
+    body.extend_from_slice(&[0, 0]); // ndm_flags, ndm_type
+    attribute(&mut body, NDA_DST, &dst);
+    attribute(&mut body, NDA_LLADDR, &mac);
+    let flags = (libc::NLM_F_CREATE | libc::NLM_F_REPLACE) as u16;
+    netlink_message(libc::RTM_NEWNEIGH, flags, &body)
 }
 
 /// The error an NLMSG_ERROR answer carries (0: an acknowledgement).
@@ -364,12 +410,18 @@ pub fn move_into(pid: i32, nic: &Interface) -> io::Result<()> {
                 }
             }
         }
+        for n in &nic.neighbours {
+            let (ip, mac) = (n.ip.parse().expect("validated"), parse_mac(&n.mac)?);
+            netlink_request(&neighbour_message(ifindex, ip, mac))
+                .map_err(|e| io::Error::new(e.kind(), format!("adding the neighbour {}: {e}", n.ip)))?;
+        }
         tracing::info!(
             name = nic.name,
             mac = nic.mac,
             ipv4 = ?nic.ipv4,
             ipv6 = ?nic.ipv6,
             routes = nic.routes.len(),
+            neighbours = nic.neighbours.len(),
             "container NIC up"
         );
         Ok(())
@@ -379,7 +431,7 @@ pub fn move_into(pid: i32, nic: &Interface) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hearth_agent_protocol::agent::Route;
+    use hearth_agent_protocol::agent::{Neighbour, Route};
 
     fn nic() -> Interface {
         Interface {
@@ -417,6 +469,10 @@ mod tests {
             |n| n.ipv6 = vec!["fd00::5/129".into()],
             |n| n.routes[0].gateway = "fd00::1".into(),
             |n| n.routes = vec![Route { destination: "::/0".into(), gateway: "10.0.0.1".into(), ..Default::default() }],
+            |n| n.neighbours = vec![Neighbour { ip: "10.0.0.9".into(), mac: "bad".into(), ..Default::default() }],
+            |n| {
+                n.neighbours = vec![Neighbour { ip: "x".into(), mac: "0a:58:00:00:00:09".into(), ..Default::default() }]
+            },
         ];
         for (i, change) in cases.into_iter().enumerate() {
             let mut n = nic();
@@ -434,6 +490,20 @@ mod tests {
         assert_eq!(parse_cidr6("fd00:88::5/64").unwrap(), ("fd00:88::5".parse().unwrap(), 64));
         assert!(matches!(route(&n.routes[1]).unwrap(), Route6 { prefix: 0, gateway: Some(_), .. }));
         assert_eq!(std::mem::size_of::<In6Rtmsg>(), 80, "the kernel's struct in6_rtmsg");
+    }
+
+    #[test]
+    fn netlink_requests_are_laid_out_as_the_kernel_reads_them() {
+        let msg = netlink_message(libc::RTM_NEWLINK, 0, &[0u8; 24]);
+        assert_eq!(msg.len(), 40);
+        assert_eq!(u32::from_ne_bytes(msg[0..4].try_into().unwrap()), 40, "nlmsg_len");
+        let n = neighbour_message(3, "10.77.0.9".parse().unwrap(), [10, 88, 0, 0, 0, 9]);
+        // header 16, ndmsg 12, NDA_DST 4+4, NDA_LLADDR 4+6 padded to 12
+        assert_eq!(n.len(), 48);
+        assert_eq!(&n[28..32], &[8, 0, 1, 0], "NDA_DST, 8 bytes");
+        assert_eq!(&n[36..46], &[10, 0, 2, 0, 10, 88, 0, 0, 0, 9], "NDA_LLADDR");
+        let n6 = neighbour_message(3, "fd00::9".parse().unwrap(), [0; 6]);
+        assert_eq!(n6.len(), 60);
     }
 
     #[test]
