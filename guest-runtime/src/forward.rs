@@ -11,7 +11,7 @@
 //! relay gives the host nothing that the listing did not already offer.
 
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
@@ -110,16 +110,7 @@ fn relay(mut host: std::os::unix::net::UnixStream) -> io::Result<()> {
         }
     };
     host.write_all(&[0])?;
-    let (mut host_r, mut target_w) = (host.try_clone()?, target.try_clone()?);
-    let up = std::thread::spawn(move || {
-        let _ = io::copy(&mut host_r, &mut target_w);
-        let _ = target_w.shutdown(Shutdown::Write);
-    });
-    let (mut target_r, mut host_w) = (target, host);
-    let _ = io::copy(&mut target_r, &mut host_w);
-    let _ = host_w.shutdown(Shutdown::Write);
-    let _ = up.join();
-    Ok(())
+    hearth_agent_protocol::transport::relay_both_ways(host, target)
 }
 
 #[cfg(test)]

@@ -14,14 +14,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hearth_agent_protocol::agent::Empty;
-use hearth_agent_protocol::transport::{connect_hybrid_vsock, FORWARD_PORT};
+use hearth_agent_protocol::transport::{connect_hybrid_vsock, relay_both_ways, FORWARD_PORT};
 use hearth_agent_protocol::AgentClient;
 use serde::{Deserialize, Serialize};
 
@@ -155,14 +155,5 @@ fn relay(client: TcpStream, port: u16, vsock: &Path) -> io::Result<()> {
     if answer[0] != 0 {
         return Err(io::Error::new(io::ErrorKind::ConnectionRefused, "refused in the VM"));
     }
-    let (mut client_r, mut guest_w) = (client.try_clone()?, guest.try_clone()?);
-    let up = std::thread::spawn(move || {
-        let _ = io::copy(&mut client_r, &mut guest_w);
-        let _ = guest_w.shutdown(Shutdown::Write);
-    });
-    let (mut guest_r, mut client_w) = (guest, client);
-    let _ = io::copy(&mut guest_r, &mut client_w);
-    let _ = client_w.shutdown(Shutdown::Write);
-    let _ = up.join();
-    Ok(())
+    relay_both_ways(client, guest)
 }

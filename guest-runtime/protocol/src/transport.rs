@@ -314,6 +314,48 @@ pub fn accept_stdio(
     }
 }
 
+/// A byte stream that localhost forwarding relays: a TCP connection on one
+/// side, a vsock (or hybrid vsock) connection on the other.
+pub trait RelayStream: Read + Write + Send + Sized + 'static {
+    fn try_clone(&self) -> io::Result<Self>;
+    /// Tells the peer that nothing more comes (half-close).
+    fn shutdown_write(&self);
+}
+
+impl RelayStream for std::net::TcpStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        std::net::TcpStream::try_clone(self)
+    }
+    fn shutdown_write(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+impl RelayStream for UnixStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        UnixStream::try_clone(self)
+    }
+    fn shutdown_write(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// Copies bytes both ways between `a` and `b` until both sides ended,
+/// passing each side's end on as a half-close: the two halves of both
+/// localhost-forwarding relays (the agent's and the shim's).
+pub fn relay_both_ways<A: RelayStream, B: RelayStream>(a: A, b: B) -> io::Result<()> {
+    let (mut a_r, mut b_w) = (a.try_clone()?, b.try_clone()?);
+    let up = std::thread::spawn(move || {
+        let _ = io::copy(&mut a_r, &mut b_w);
+        b_w.shutdown_write();
+    });
+    let (mut b_r, mut a_w) = (b, a);
+    let _ = io::copy(&mut b_r, &mut a_w);
+    a_w.shutdown_write();
+    let _ = up.join();
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
