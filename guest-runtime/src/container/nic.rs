@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use hearth_agent_protocol::agent::Interface;
 
-use crate::pid1::network::{ifreq, in_netns_of, inet6_socket, inet_socket, ioctl, parse_cidr, set_up, sockaddr};
+use crate::pid1::network::{ifreq, in_netns_of, inet6_socket, inet_socket, ioctl, parse_cidr, set_link, sockaddr};
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> io::Result<[u8; 6]> {
@@ -172,17 +172,6 @@ fn fmt_mac(m: [u8; 6]) -> String {
     m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
-fn set_flags(sock: &OwnedFd, name: &str, up: bool) -> io::Result<()> {
-    if up {
-        return set_up(sock, name);
-    }
-    let mut req = ifreq(name)?;
-    ioctl(sock, libc::SIOCGIFFLAGS, &mut req as *mut _ as *mut _, &format!("reading {name}'s flags"))?;
-    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
-    unsafe { req.ifr_ifru.ifru_flags &= !(libc::IFF_UP as libc::c_short) };
-    ioctl(sock, libc::SIOCSIFFLAGS, &mut req as *mut _ as *mut _, &format!("taking {name} down"))
-}
-
 fn set_mac(sock: &OwnedFd, name: &str, mac: [u8; 6]) -> io::Result<()> {
     let mut req = ifreq(name)?;
     // SAFETY: sockaddr is plain old data.
@@ -335,7 +324,7 @@ pub fn move_into(pid: i32, nic: &Interface) -> io::Result<()> {
     validate(nic)?;
     let sock = inet_socket()?;
     let current = find_by_permanent_mac(&sock, parse_mac(&nic.device_mac)?)?;
-    set_flags(&sock, &current, false)?;
+    set_link(&sock, &current, false)?;
     set_mac(&sock, &current, parse_mac(&nic.mac)?)?;
     set_mtu(&sock, &current, nic.mtu)?;
     let index = index_of(&current)?;
@@ -374,7 +363,7 @@ pub fn move_into(pid: i32, nic: &Interface) -> io::Result<()> {
         for a in &nic.ipv6 {
             add_ipv6(sock6.as_ref().expect("made above"), &nic.name, ifindex, a)?;
         }
-        set_flags(&sock, &nic.name, true)?;
+        set_link(&sock, &nic.name, true)?;
         let dev = std::ffi::CString::new(nic.name.clone()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         for r in &nic.routes {
             let what = format!("adding the route to {}", r.destination);

@@ -45,11 +45,22 @@ pub(crate) fn ioctl(sock: &OwnedFd, request: libc::c_ulong, arg: *mut libc::c_vo
 }
 
 pub(crate) fn set_up(sock: &OwnedFd, name: &str) -> io::Result<()> {
+    set_link(sock, name, true)
+}
+
+/// Brings interface `name` up (and running) or takes it down.
+pub(crate) fn set_link(sock: &OwnedFd, name: &str, up: bool) -> io::Result<()> {
     let mut req = ifreq(name)?;
     ioctl(sock, libc::SIOCGIFFLAGS, &mut req as *mut _ as *mut _, &format!("reading {name}'s flags"))?;
     // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
-    unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
-    ioctl(sock, libc::SIOCSIFFLAGS, &mut req as *mut _ as *mut _, &format!("bringing {name} up"))
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    req.ifr_ifru.ifru_flags = if up {
+        flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short
+    } else {
+        flags & !(libc::IFF_UP as libc::c_short)
+    };
+    let what = if up { format!("bringing {name} up") } else { format!("taking {name} down") };
+    ioctl(sock, libc::SIOCSIFFLAGS, &mut req as *mut _ as *mut _, &what)
 }
 
 /// An AF_INET datagram socket, for the interface ioctls.
