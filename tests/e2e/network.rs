@@ -42,6 +42,18 @@ fn hearth_taps() -> Vec<String> {
         .collect()
 }
 
+/// What hearth puts in a container's network namespace on the host: its
+/// tap (`tap0_hearth`) and the veth's ingress qdisc (the redirection).
+const HEARTH_IN_NAMESPACE: &str = "ip -o link show; tc qdisc show dev eth0";
+
+/// `state` (the output of [`HEARTH_IN_NAMESPACE`]) shows neither.
+fn assert_as_cni_left(what: &str, state: &str) {
+    assert!(
+        !state.contains("tap0_hearth") && !state.contains("ingress"),
+        "{what}: hearth's tap or qdisc left: {state}"
+    );
+}
+
 /// Whether this test host reaches the package registry at all: if not, the
 /// test fails saying so (rather than passing without having tried).
 fn registry_reachable() -> Result<(), String> {
@@ -155,12 +167,7 @@ fn the_vm_reaches_the_network_through_nat_and_leaves_nothing_behind() {
     let o = c.run("isolated", &[], &["sh", "-c", NICS_AND_ADDRESSES]);
     assert_eq!(String::from_utf8_lossy(&o.stdout), "nics:\naddresses: lo\n", "{}", text(&o));
 
-    c.ok(&["task", "kill", "-s", "SIGKILL", "server"]);
-    wait_until("the server exited", Duration::from_secs(60), || {
-        !c.ok(&["task", "ls"]).lines().any(|l| l.starts_with("server ") && l.contains("RUNNING"))
-    });
-    c.ok(&["task", "rm", "server"]);
-    c.ok(&["containers", "rm", "server"]);
+    c.kill_and_remove(&["server"]);
     wait_until("the VM idled out", Duration::from_secs(120), || c.vmm_pids().is_empty());
     wait_until("the VM network torn down", Duration::from_secs(30), || {
         !std::path::Path::new("/sys/class/net").join(BRIDGE).exists()
@@ -266,9 +273,9 @@ impl CniNamespace {
         format!("/var/run/netns/{}", self.name)
     }
 
-    /// What `args` prints, run in the namespace.
-    fn out(&self, args: &str) -> String {
-        host_out(&["sh", "-c", &format!("ip netns exec {} {args} 2>&1", self.name)])
+    /// What shell command `cmd` prints, run in the namespace.
+    fn out(&self, cmd: &str) -> String {
+        cni::in_netns(&self.name, cmd)
     }
 
     fn remove(&self) {
@@ -298,24 +305,8 @@ fn containers_in_cni_namespaces_are_reached_at_their_addresses() {
     let one = CniNamespace::new("hearth-cni1", "hcni1", 77, "0a:58:0a:4d:00:02");
     let two = CniNamespace::new("hearth-cni2", "hcni2", 78, "0a:58:0a:4e:00:02");
     let c = Containerd::start(&env, &scratch, 3);
-    let serve = |id: &str, ns: &CniNamespace| {
-        let with_ns = format!("network:{}", ns.path());
-        c.ok(&[
-            "run",
-            "-d",
-            "--runtime",
-            RUNTIME,
-            "--with-ns",
-            &with_ns,
-            IMAGE,
-            id,
-            "hearth-guest-tool",
-            "tcp-echo",
-            "8080",
-            // IPv6 and IPv4 both.
-            "::",
-        ]);
-    };
+    // At `::`: IPv6 and IPv4 both.
+    let serve = |id: &str, ns: &CniNamespace| c.echo_server_in(id, RUNTIME, &ns.path(), Some("::"));
     serve("web1", &one);
     serve("web2", &two);
 
@@ -364,22 +355,13 @@ fn containers_in_cni_namespaces_are_reached_at_their_addresses() {
     assert_eq!(ping, "reached\n", "web2 reaches its gateway on the host");
 
     // In the namespace, hearth's tap and the redirection, while it runs.
-    let links = one.out("ip -o link show");
-    assert!(links.contains("tap0_hearth"), "the tap in the namespace: {links}");
-    let qdiscs = one.out("tc qdisc show dev eth0");
-    assert!(qdiscs.contains("ingress"), "the veth's ingress qdisc: {qdiscs}");
+    let state = one.out(HEARTH_IN_NAMESPACE);
+    assert!(state.contains("tap0_hearth"), "the tap in the namespace: {state}");
+    assert!(state.contains("ingress"), "the veth's ingress qdisc: {state}");
 
     // web1 goes: its namespace is as CNI left it, web2 runs on.
-    c.ok(&["task", "kill", "-s", "SIGKILL", "web1"]);
-    wait_until("web1 exited", Duration::from_secs(60), || {
-        !c.ok(&["task", "ls"]).lines().any(|l| l.starts_with("web1 ") && l.contains("RUNNING"))
-    });
-    c.ok(&["task", "rm", "web1"]);
-    c.ok(&["containers", "rm", "web1"]);
-    let links = one.out("ip -o link show");
-    assert!(!links.contains("tap0_hearth"), "the tap is gone: {links}");
-    let qdiscs = one.out("tc qdisc show dev eth0");
-    assert!(!qdiscs.contains("ingress"), "the redirection is gone: {qdiscs}");
+    c.kill_and_remove(&["web1"]);
+    assert_as_cni_left("web1's namespace after delete", &one.out(HEARTH_IN_NAMESPACE));
     assert_eq!(echo_at("10.78.0.2", 8080, 60).as_deref(), Some("through the bridge\n"), "web2 still reached");
 
     // The NIC web1 had serves the next container in that namespace.
@@ -395,17 +377,9 @@ fn containers_in_cni_namespaces_are_reached_at_their_addresses() {
         // SAFETY: kill(2) on the VMM this test's containerd started.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
-    wait_until("the servers exited", Duration::from_secs(60), || {
-        !c.ok(&["task", "ls"]).lines().any(|l| l.contains("RUNNING"))
-    });
-    for id in ["web2", "web3"] {
-        c.ok(&["task", "rm", id]);
-        c.ok(&["containers", "rm", id]);
-    }
+    c.remove_stopped(&["web2", "web3"]);
     for ns in [&one, &two] {
-        let links = ns.out("ip -o link show");
-        assert!(!links.contains("tap0_hearth"), "a tap left in {}: {links}", ns.name);
-        assert!(!ns.out("tc qdisc show dev eth0").contains("ingress"), "a qdisc left in {}", ns.name);
+        assert_as_cni_left(&ns.name, &ns.out(HEARTH_IN_NAMESPACE));
     }
     wait_until("the killed VM's tap gone", Duration::from_secs(30), || hearth_taps().is_empty());
 }
@@ -461,22 +435,7 @@ fn containers_on_a_cni_bridge_network_work_as_with_runc() {
     let b = net.attach("web-b", "hearth-cnib", None);
     assert_ne!(a.ip, b.ip);
     let c = Containerd::start(&env, &scratch, 3);
-    let serve = |id: &str, at: &cni::Attachment| {
-        let with_ns = format!("network:{}", at.path());
-        c.ok(&[
-            "run",
-            "-d",
-            "--runtime",
-            RUNTIME,
-            "--with-ns",
-            &with_ns,
-            IMAGE,
-            id,
-            "hearth-guest-tool",
-            "tcp-echo",
-            "8080",
-        ]);
-    };
+    let serve = |id: &str, at: &cni::Attachment| c.echo_server_in(id, RUNTIME, &at.path(), None);
     serve("web-a", &a);
     serve("web-b", &b);
 
@@ -526,14 +485,8 @@ fn containers_on_a_cni_bridge_network_work_as_with_runc() {
         serve("web-c", &cc);
         round_trip(&mut connect(&cc.ip, 8080), 64 << 10, 4, "host to web-c");
         round_trip(&mut stream, 256 << 10, 5, "web-b while web-c runs");
-        c.ok(&["task", "kill", "-s", "SIGKILL", "web-c"]);
-        wait_until("web-c exited", Duration::from_secs(60), || {
-            !c.ok(&["task", "ls"]).lines().any(|l| l.starts_with("web-c ") && l.contains("RUNNING"))
-        });
-        c.ok(&["task", "rm", "web-c"]);
-        c.ok(&["containers", "rm", "web-c"]);
-        let left = cc.out("ip -o link show; tc qdisc show dev eth0");
-        assert!(!left.contains("tap0_hearth") && !left.contains("ingress"), "web-c's namespace after delete: {left}");
+        c.kill_and_remove(&["web-c"]);
+        assert_as_cni_left("web-c's namespace after delete", &cc.out(HEARTH_IN_NAMESPACE));
     }
     round_trip(&mut stream, 256 << 10, 6, "web-b after web-c");
     drop(stream);
@@ -542,19 +495,9 @@ fn containers_on_a_cni_bridge_network_work_as_with_runc() {
         a.ip, b.ip
     ));
 
-    for id in ["web-a", "web-b"] {
-        c.ok(&["task", "kill", "-s", "SIGKILL", id]);
-    }
-    wait_until("the servers exited", Duration::from_secs(60), || {
-        !c.ok(&["task", "ls"]).lines().any(|l| l.contains("RUNNING"))
-    });
-    for id in ["web-a", "web-b"] {
-        c.ok(&["task", "rm", id]);
-        c.ok(&["containers", "rm", id]);
-    }
+    c.kill_and_remove(&["web-a", "web-b"]);
     for at in [&a, &b] {
-        let left = at.out("ip -o link show; tc qdisc show dev eth0");
-        assert!(!left.contains("tap0_hearth") && !left.contains("ingress"), "{} after delete: {left}", at.id);
+        assert_as_cni_left(&at.id, &at.out(HEARTH_IN_NAMESPACE));
     }
     wait_until("the VM idled out", Duration::from_secs(120), || c.vmm_pids().is_empty());
     // The VM's tap goes as the kernel finishes closing hearth-vmm's files.

@@ -128,9 +128,15 @@ impl Attachment<'_> {
 
     /// What `cmd` prints (stdout and stderr), run in the namespace.
     pub fn out(&self, cmd: &str) -> String {
-        let o = Command::new("ip").args(["netns", "exec", &self.netns, "sh", "-c", cmd]).output().unwrap();
-        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+        in_netns(&self.netns, cmd)
     }
+}
+
+/// What shell command `cmd` prints (stdout, then stderr), run in the named
+/// network namespace `netns` (`ip netns exec`).
+pub fn in_netns(netns: &str, cmd: &str) -> String {
+    let o = Command::new("ip").args(["netns", "exec", netns, "sh", "-c", cmd]).output().unwrap();
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 impl Drop for Attachment<'_> {

@@ -169,6 +169,51 @@ impl Containerd {
         self.ctr(&args)
     }
 
+    /// Starts container `id` detached on `runtime`, in the network
+    /// namespace at `netns`, running `hearth-guest-tool tcp-echo 8080`
+    /// (`addr` when given, every IPv4 address otherwise).
+    pub fn echo_server_in(&self, id: &str, runtime: &str, netns: &str, addr: Option<&str>) {
+        let with_ns = format!("network:{netns}");
+        let mut args = vec![
+            "run",
+            "-d",
+            "--runtime",
+            runtime,
+            "--with-ns",
+            &with_ns,
+            IMAGE,
+            id,
+            "hearth-guest-tool",
+            "tcp-echo",
+            "8080",
+        ];
+        args.extend(addr);
+        self.ok(&args);
+    }
+
+    /// Waits until none of the tasks `ids` runs, then removes each task and
+    /// its container.
+    pub fn remove_stopped(&self, ids: &[&str]) {
+        wait_until(&format!("{ids:?} stopped"), Duration::from_secs(60), || {
+            !self.ok(&["task", "ls"]).lines().any(|l| {
+                let mut w = l.split_whitespace();
+                w.next().is_some_and(|id| ids.contains(&id)) && l.contains("RUNNING")
+            })
+        });
+        for id in ids {
+            self.ok(&["task", "rm", id]);
+            self.ok(&["containers", "rm", id]);
+        }
+    }
+
+    /// SIGKILL to each task `ids`, then [`Containerd::remove_stopped`].
+    pub fn kill_and_remove(&self, ids: &[&str]) {
+        for id in ids {
+            self.ok(&["task", "kill", "-s", "SIGKILL", id]);
+        }
+        self.remove_stopped(ids);
+    }
+
     pub fn vmm_pids(&self) -> Vec<i32> {
         pids_matching(&self.vms.display().to_string(), "hearth-vmm")
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use hearth_e2e::cni;
-use hearth_e2e::containerd::{Containerd, IMAGE, RUNTIME};
+use hearth_e2e::containerd::{Containerd, RUNTIME};
 
 use crate::bench::median_f64;
 
@@ -77,20 +77,7 @@ pub fn run() -> Result<()> {
     let c = Containerd::start(&env, &scratch, 600);
     for (id, runtime, at) in [("bench-hearth", RUNTIME, &on_hearth), ("bench-runc", "io.containerd.runc.v2", &on_runc)]
     {
-        let with_ns = format!("network:{}", at.path());
-        c.ok(&[
-            "run",
-            "-d",
-            "--runtime",
-            runtime,
-            "--with-ns",
-            &with_ns,
-            IMAGE,
-            id,
-            "hearth-guest-tool",
-            "tcp-echo",
-            "8080",
-        ]);
+        c.echo_server_in(id, runtime, &at.path(), None);
     }
     let (mut ht, mut rt, mut hl, mut rl) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..RUNS {
