@@ -49,13 +49,17 @@ struct Pin {
     why: &'static str,
 }
 
-/// None today: QEMU 10 from bookworm-backports ran the suites no faster
-/// than Debian 12's 7.2 (docs/testing.md), so the test host stays on 7.2.
-/// A pin names the package and every dependency that must come at the
-/// suite's version, e.g. `Pin { suite: "bookworm-backports", packages:
-/// &["qemu-system-x86", "qemu-system-common", "qemu-system-data",
-/// "seabios"], why: "..." }`.
-const PINS: &[Pin] = &[];
+/// Docker 26 from Debian 13: Debian 12's docker.io is 20.10, which cannot
+/// name a shim v2 runtime. Its own dependencies (containerd, runc, tini,
+/// iptables) stay Debian 12's. QEMU stays Debian 12's 7.2: QEMU 10 from
+/// bookworm-backports ran the suites no faster (docs/testing.md). A pin
+/// names the package and every dependency that must come at the suite's
+/// version.
+const PINS: &[Pin] = &[Pin {
+    suite: "trixie",
+    packages: &["docker.io", "docker-cli"],
+    why: "Docker 26 (docker.io, docker-cli), which runs hearth as a shim v2 runtime (e2e docker)",
+}];
 
 /// The URI apt already fetches Debian 12 from, so that the pinned suites
 /// come from the same mirror.
@@ -166,14 +170,14 @@ fn candidate(pkg: &str) -> Option<String> {
     out.lines().find_map(|l| l.trim().strip_prefix("Candidate: ")).map(str::to_string).filter(|v| v != "(none)")
 }
 
-/// The packages to install: missing ones, and pinned ones at another
-/// version than their pin's.
+/// The packages to install: missing ones, and pinned ones missing or at
+/// another version than their pin's.
 fn wanted() -> Vec<&'static str> {
     let mut want: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).filter(|p| installed_version(p).is_none()).collect();
     for pin in PINS {
         for p in pin.packages {
             let have = installed_version(p);
-            if have.is_some() && have != candidate(p) && !want.contains(p) {
+            if (have.is_none() || have != candidate(p)) && !want.contains(p) {
                 want.push(p);
             }
         }

@@ -54,7 +54,8 @@ fn blob_file(layout: &Path, file: &Path) -> Result<(String, usize)> {
     Ok((format!("sha256:{digest}"), size))
 }
 
-/// Makes `out`, an OCI image layout in a tar, of one layer (`layer_tar`, an
+/// Makes `out`, an OCI image layout in a tar that `docker load` also takes,
+/// of one layer (`layer_tar`, an
 /// uncompressed tar of the root filesystem, consumed) tagged `reference`,
 /// running `cmd` by default. `work` is scratch space.
 fn write_archive(work: &Path, layer_tar: &Path, reference: &str, cmd: &[&str], out: &Path) -> Result<()> {
@@ -89,6 +90,15 @@ fn write_archive(work: &Path, layer_tar: &Path, reference: &str, cmd: &[&str], o
     });
     std::fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
     std::fs::write(layout.join("oci-layout"), br#"{"imageLayoutVersion": "1.0.0"}"#)?;
+    // What `docker load` reads (Docker 26 needs it beside the OCI layout,
+    // as its own `docker save` writes it); containerd reads index.json.
+    let blob_path = |digest: &str| format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"));
+    let docker_manifest = serde_json::json!([{
+        "Config": blob_path(&config_digest),
+        "RepoTags": [reference],
+        "Layers": [blob_path(&layer_digest)]
+    }]);
+    std::fs::write(layout.join("manifest.json"), serde_json::to_vec(&docker_manifest)?)?;
     let tmp = out.with_extension("tmp");
     reproducible_tar(&layout, &tmp)?;
     std::fs::rename(&tmp, out)?;
@@ -113,7 +123,7 @@ pub fn ensure_busybox(guest_tool: &Path) -> Result<PathBuf> {
     let busybox =
         std::fs::read(crate::testhost::BUSYBOX).context("busybox-static is not installed: run `cargo xtask setup`")?;
     let tool = std::fs::read(guest_tool)?;
-    let key = sh::key(&[b"busybox-image-v1", &busybox, &tool]);
+    let key = sh::key(&[b"busybox-image-v2", &busybox, &tool]);
     let out = paths::cache().join("images").join(key).join("busybox-oci.tar");
     if out.exists() {
         return Ok(out);
@@ -165,6 +175,8 @@ pub const DEBIAN: Debian<'static> = Debian {
 pub fn ensure_debian(image: &Debian) -> Result<PathBuf> {
     let recipe = Recipe::new(image.release, image.variant, image.include, debian::MIRROR);
     let mut parts = recipe.key_parts();
+    // v2: with docker load's manifest.json.
+    parts.push("image-v2".to_string());
     parts.push(image.reference.to_string());
     parts.push(image.cmd.join("\0"));
     let key = sh::key(&parts.iter().map(|p| p.as_bytes()).collect::<Vec<_>>());
