@@ -19,6 +19,7 @@ pub mod cgroup;
 pub mod config;
 pub mod disk;
 pub mod forward;
+pub mod hooks;
 pub mod io;
 pub mod logging;
 pub mod metrics;

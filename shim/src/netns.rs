@@ -22,6 +22,38 @@ use hearth_agent_protocol::agent as pb;
 use hearth_vmm::devices::virtio::tap::Tap;
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
+/// Whether the spec gives the container a network namespace at all (a
+/// new one or one by path); without, it shares the VM's.
+pub fn has_namespace(spec: &Spec) -> bool {
+    let nss = spec.linux().as_ref().and_then(|l| l.namespaces().as_ref());
+    nss.is_some_and(|nss| nss.iter().any(|ns| ns.typ() == LinuxNamespaceType::Network))
+}
+
+/// Refuses a namespace that is no container's: the host's own, or a
+/// hearth-vmm's. Docker's `--network container:NAME` names the other
+/// container's namespace by the pid containerd was given, which for a
+/// hearth container is its VM's, whose namespace is hearth-vmm's own
+/// empty one: mirroring it would leave the container silently offline.
+pub fn check_joinable(netns: &Path, vmm_pid: i32) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    let want = std::fs::metadata(netns)
+        .map(|m| (m.dev(), m.ino()))
+        .with_context(|| format!("the network namespace {} the spec names", netns.display()))?;
+    if Some(want) == id("/proc/self/ns/net") {
+        bail!("the network namespace {} is the host's own: a hearth container cannot join it", netns.display());
+    }
+    if Some(want) == id(&format!("/proc/{vmm_pid}/ns/net")) {
+        bail!(
+            "the network namespace {} is hearth-vmm's (pid {vmm_pid}), which containerd reports as another \
+             container's pid: sharing a hearth container's network with another container \
+             (Docker's --network container:NAME) is not supported yet; use a user-defined network instead",
+            netns.display()
+        );
+    }
+    Ok(())
+}
+
 /// The network namespace file the spec asks the container to join.
 pub fn requested(spec: &Spec) -> Option<PathBuf> {
     let nss = spec.linux().as_ref()?.namespaces().as_ref()?;
@@ -178,6 +210,9 @@ fn open_tap_in(netns: &Path, name: &str) -> Result<Tap> {
 #[derive(Debug)]
 pub struct Mirrored {
     netns: PathBuf,
+    /// The namespace, when the shim itself holds it (made for the
+    /// container's hooks: hooks.rs).
+    _held: Option<crate::hooks::HostNetns>,
     /// (the host interface, its tap, hearth-vmm's NIC id)
     links: Vec<(String, String, String)>,
 }
@@ -186,8 +221,13 @@ impl Mirrored {
     /// Mirrors the interfaces of `netns` into the VM for container `id`;
     /// returns what to tell the agent. On an error everything made so far
     /// is undone.
-    pub fn set_up(id: &str, netns: &Path, api: &hearth_vmm::api::Client) -> Result<(Mirrored, Vec<pb::Interface>)> {
-        let mut m = Mirrored { netns: netns.to_path_buf(), links: Vec::new() };
+    pub fn set_up(
+        id: &str,
+        netns: &Path,
+        held: Option<crate::hooks::HostNetns>,
+        api: &hearth_vmm::api::Client,
+    ) -> Result<(Mirrored, Vec<pb::Interface>)> {
+        let mut m = Mirrored { netns: netns.to_path_buf(), _held: held, links: Vec::new() };
         match m.mirror_all(id, api) {
             Ok(nics) => Ok((m, nics)),
             Err(e) => {

@@ -62,6 +62,9 @@ struct Container {
     /// The interfaces of the network namespace its caller made, mirrored
     /// into the VM (netns.rs); undone at delete.
     netns: Option<crate::netns::Mirrored>,
+    /// Its poststart and poststop hooks, and the state they are given
+    /// (hooks.rs).
+    hooks: Option<(crate::hooks::Hooks, crate::hooks::State)>,
 }
 
 impl Container {
@@ -132,10 +135,32 @@ fn agent_err(e: ttrpc::Error) -> sttrpc::Error {
     match e {
         ttrpc::Error::RpcStatus(s) => {
             let code = sttrpc::Code::from_i32(s.code().value()).unwrap_or(sttrpc::Code::INTERNAL);
-            status(code, format!("hearth agent: {}", s.message()))
+            status(code, format!("hearth agent: {}", as_runc_says(s.message())))
         }
         other => status(sttrpc::Code::UNAVAILABLE, format!("hearth agent: {other}")),
     }
+}
+
+/// An agent error's text, for a create.
+fn agent_text(e: &ttrpc::Error) -> String {
+    match e {
+        ttrpc::Error::RpcStatus(s) => as_runc_says(s.message()),
+        other => other.to_string(),
+    }
+}
+
+/// The agent's message, with a missing executable worded as runc words it:
+/// Docker and the CRI recognise that wording (Docker's exit code 127 for
+/// `docker run`/`docker exec` of a missing command), not libcontainer's.
+fn as_runc_says(msg: &str) -> String {
+    const YOUKI: (&str, &str) = ("executable '", "' not found in $PATH");
+    if let Some(start) = msg.find(YOUKI.0) {
+        let rest = &msg[start + YOUKI.0.len()..];
+        if let Some(end) = rest.find(YOUKI.1) {
+            return format!("{msg}: exec: \"{}\": executable file not found in $PATH", &rest[..end]);
+        }
+    }
+    msg.to_string()
 }
 
 fn timestamp(t: SystemTime) -> Timestamp {
@@ -482,6 +507,7 @@ impl Service {
         let spec_json = std::fs::read(bundle.join("config.json"))
             .map_err(|e| anyhow::anyhow!("reading {}/config.json: {e}", bundle.display()))?;
         let mut spec = hearth_oci::parse_spec(&spec_json)?;
+        let hooks = crate::hooks::Hooks::from_spec(&spec)?;
         let mut mounts = Vec::new();
         let mut disk = None;
         let mut mirrored = None;
@@ -507,8 +533,42 @@ impl Service {
             // Read before the translation drops the path (the guest cannot
             // join a host namespace; it gets its interfaces instead).
             let mut interfaces = Vec::new();
-            if let Some(netns) = crate::netns::requested(&spec) {
-                let (m, nics) = crate::netns::Mirrored::set_up(&req.id, &netns, &vm.api).map_err(|e| {
+            let requested = crate::netns::requested(&spec);
+            if let Some(p) = &requested {
+                crate::netns::check_joinable(p, vm.vmm_pid)?;
+            }
+            // Hooks run on the host, with a holder thread in the
+            // container's host-side network namespace as their pid; what
+            // they plug into that namespace (Docker's veth) is mirrored.
+            let mut held = None;
+            if hooks.any() {
+                let join = if crate::netns::has_namespace(&spec) {
+                    requested.clone()
+                } else {
+                    Some("/proc/self/ns/net".into())
+                };
+                let (holder, ns) = crate::hooks::Holder::start(join.as_deref())?;
+                let state = crate::hooks::State {
+                    oci_version: spec.version().clone(),
+                    id: req.id.clone(),
+                    status: "creating",
+                    pid: holder.tid,
+                    bundle: req.bundle.clone(),
+                    annotations: spec.annotations().clone().unwrap_or_default(),
+                };
+                let ran = hooks.run_create(&state);
+                holder.release();
+                ran?;
+                if crate::netns::has_namespace(&spec) {
+                    held = Some(ns);
+                }
+            }
+            let to_mirror = match held {
+                Some(ns) => Some((ns.path(), Some(ns))),
+                None => requested.map(|p| (p, None)),
+            };
+            if let Some((netns, held)) = to_mirror {
+                let (m, nics) = crate::netns::Mirrored::set_up(&req.id, &netns, held, &vm.api).map_err(|e| {
                     e.context(format!("mirroring the network namespace {} into the VM", netns.display()))
                 })?;
                 log::info!(
@@ -538,8 +598,11 @@ impl Service {
                 interfaces,
                 ..Default::default()
             };
-            let guest_pid =
-                vm.agent.create_container(ctx(120), &create).map_err(|e| anyhow::anyhow!("the agent: {e:?}"))?.pid;
+            let guest_pid = vm
+                .agent
+                .create_container(ctx(120), &create)
+                .map_err(|e| anyhow::anyhow!("the agent: {}", agent_text(&e)))?
+                .pid;
             log::info!("container {}: guest pid {guest_pid} in hearth-vmm pid {}", req.id, vm.vmm_pid);
             let io = pending.start().map(Arc::new).ok();
             Ok::<_, anyhow::Error>((paths, io))
@@ -557,6 +620,17 @@ impl Service {
                     disk,
                     host_pid,
                     netns: mirrored,
+                    hooks: hooks.any().then(|| {
+                        let state = crate::hooks::State {
+                            oci_version: spec.version().clone(),
+                            id: req.id.clone(),
+                            status: "created",
+                            pid: host_pid as i32,
+                            bundle: req.bundle.clone(),
+                            annotations: spec.annotations().clone().unwrap_or_default(),
+                        };
+                        (hooks, state)
+                    }),
                 },
             )),
             Err(e) => {
@@ -681,12 +755,16 @@ impl Task for Service {
             vm.agent
                 .start_container(ctx(60), &pb::ContainerRequest { container_id: req.id.clone(), ..Default::default() })
                 .map_err(agent_err)?;
-            let pid = {
+            let (pid, hooks) = {
                 let mut cs = self.containers();
                 let c = cs.get_mut(&req.id).ok_or_else(|| not_found("deleted while starting"))?;
                 c.init.started = true;
-                c.host_pid
+                (c.host_pid, c.hooks.clone())
             };
+            if let Some((hooks, mut state)) = hooks {
+                state.status = "running";
+                hooks.run_poststart(&state);
+            }
             self.spawn_waiter(vm, req.id.clone(), String::new(), io);
             self.publish(
                 TASK_START_EVENT_TOPIC,
@@ -869,6 +947,10 @@ impl Task for Service {
                 m.teardown(None);
             }
         }
+        if let Some((hooks, mut state)) = c.hooks.clone() {
+            state.status = "stopped";
+            hooks.run_poststop(&state);
+        }
         let (code, at) = c.init.exit.unwrap_or((0, SystemTime::now()));
         self.publish(
             TASK_DELETE_EVENT_TOPIC,
@@ -962,4 +1044,17 @@ impl Task for Service {
 /// guest's /proc/sys/kernel/random/boot_id says the same).
 pub fn boot_id_of(s: &Service, id: &str) -> Option<String> {
     s.containers().get(id).map(|c| c.vm_boot_id.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_executable_is_worded_as_runc_words_it() {
+        let youki = "creating container \"c\": failed to create container: exec process failed with error error \
+                     in executing process : executable 'nope' not found in $PATH";
+        assert!(as_runc_says(youki).ends_with(": exec: \"nope\": executable file not found in $PATH"));
+        assert_eq!(as_runc_says("something else"), "something else");
+    }
 }
