@@ -8,6 +8,7 @@ pub mod agent;
 pub mod cni;
 pub mod containerd;
 pub mod distro;
+pub mod docker;
 
 use std::collections::HashMap;
 use std::io::Read;

@@ -14,7 +14,7 @@ use crate::sh::cmd;
 use crate::{paths, testhost};
 
 pub const SUITES: &[&str] =
-    &["boot", "devices", "agent-native", "agent", "containerd", "escape", "distro", "disks", "network"];
+    &["boot", "devices", "agent-native", "agent", "containerd", "escape", "distro", "disks", "network", "docker"];
 
 /// Suites that need no VM: they run on this machine directly, as root.
 const NATIVE: &[&str] = &["agent-native"];
