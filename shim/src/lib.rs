@@ -18,6 +18,7 @@
 pub mod cgroup;
 pub mod config;
 pub mod disk;
+pub mod dns;
 pub mod forward;
 pub mod hooks;
 pub mod io;

@@ -65,6 +65,8 @@ struct Container {
     /// Its poststart and poststop hooks, and the state they are given
     /// (hooks.rs).
     hooks: Option<(crate::hooks::Hooks, crate::hooks::State)>,
+    /// The relay to its resolver on the host (dns.rs); stops when dropped.
+    _dns: Option<crate::dns::Relay>,
 }
 
 impl Container {
@@ -511,6 +513,7 @@ impl Service {
         let mut mounts = Vec::new();
         let mut disk = None;
         let mut mirrored = None;
+        let mut dns = None;
         let result = (|| {
             let guest_root = Path::new(vm::GUEST_ROOTS).join(&req.id).join("rootfs");
             let rootfs = match crate::disk::requested(&spec) {
@@ -533,6 +536,7 @@ impl Service {
             // Read before the translation drops the path (the guest cannot
             // join a host namespace; it gets its interfaces instead).
             let mut interfaces = Vec::new();
+            let mut dns_relay = None;
             let requested = crate::netns::requested(&spec);
             if let Some(p) = &requested {
                 crate::netns::check_joinable(p, vm.vmm_pid)?;
@@ -568,6 +572,15 @@ impl Service {
                 None => requested.map(|p| (p, None)),
             };
             if let Some((netns, held)) = to_mirror {
+                // A resolver at a loopback address of that namespace
+                // (Docker's 127.0.0.11) is relayed into the container's.
+                if let Some(addr) = crate::dns::wanted(&spec) {
+                    let (relay, r) = crate::dns::Relay::start(&vm.vsock, &netns, addr)
+                        .map_err(|e| e.context(format!("relaying the resolver {addr} of {}", netns.display())))?;
+                    log::info!("container {}: its resolver {addr} relayed from {}", req.id, netns.display());
+                    dns = Some(relay);
+                    dns_relay = Some(r);
+                }
                 let (m, nics) = crate::netns::Mirrored::set_up(&req.id, &netns, held, &vm.api).map_err(|e| {
                     e.context(format!("mirroring the network namespace {} into the VM", netns.display()))
                 })?;
@@ -596,6 +609,7 @@ impl Service {
                 rootfs: Some(rootfs).into(),
                 stdio: Some(stdio).into(),
                 interfaces,
+                dns_relay: dns_relay.into(),
                 ..Default::default()
             };
             let guest_pid = vm
@@ -620,6 +634,7 @@ impl Service {
                     disk,
                     host_pid,
                     netns: mirrored,
+                    _dns: dns,
                     hooks: hooks.any().then(|| {
                         let state = crate::hooks::State {
                             oci_version: spec.version().clone(),

@@ -54,6 +54,8 @@ struct Container {
     /// The OOM-kill counter when last looked at, and when created.
     oom_kills_seen: u64,
     oom_kills_at_create: u64,
+    /// The relay to its caller's resolver on the host, if it has one.
+    dns: Option<super::dns::DnsRelay>,
 }
 
 impl Container {
@@ -166,6 +168,9 @@ impl Containers {
                 stdio.terminal
             )));
         }
+        if let Some(dns) = req.dns_relay.as_ref() {
+            super::dns::validate(dns).map_err(|e| AgentError::InvalidArgument(e.to_string()))?;
+        }
         for nic in &req.interfaces {
             super::nic::validate(nic)
                 .map_err(|e| AgentError::InvalidArgument(format!("container {id:?}'s NIC: {e}")))?;
@@ -225,6 +230,7 @@ impl Containers {
             execs: HashMap::new(),
             oom_kills_seen,
             oom_kills_at_create: oom_kills_seen,
+            dns: None,
         };
         lock(&self.table).insert(id.to_string(), Arc::new(Mutex::new(c)));
         // The NICs of the network namespace its caller made, mirrored by
@@ -234,6 +240,22 @@ impl Containers {
             if let Err(e) = super::nic::move_into(pid, nic) {
                 let _ = self.delete(id, true);
                 return Err(AgentError::Internal(format!("container {id:?}: giving it the NIC {}: {e}", nic.name)));
+            }
+        }
+        if let Some(dns) = req.dns_relay.as_ref() {
+            match super::dns::DnsRelay::start(pid, dns, self.cfg.dialer.clone()) {
+                Ok(relay) => {
+                    if let Ok(c) = self.get(id) {
+                        lock(&c).dns = Some(relay);
+                    }
+                }
+                Err(e) => {
+                    let _ = self.delete(id, true);
+                    return Err(AgentError::Internal(format!(
+                        "container {id:?}: its resolver at {}: {e}",
+                        dns.address
+                    )));
+                }
             }
         }
         tracing::info!(container = id, pid, "created");
@@ -410,6 +432,10 @@ impl Containers {
             return Err(AgentError::FailedPrecondition(format!(
                 "container {id:?} is {status:?}: stop it first, or delete with force"
             )));
+        }
+        // Its sockets hold the container's network namespace (and so its NICs).
+        if let Some(dns) = c.dns.take() {
+            dns.stop();
         }
         // Kill everything in the cgroup and wait until it is empty before
         // libcontainer removes it: its own removal gives up after a short

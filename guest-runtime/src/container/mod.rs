@@ -5,6 +5,7 @@
 pub mod bundle;
 pub mod caps;
 pub mod cgroup;
+pub mod dns;
 pub mod lifecycle;
 pub mod nic;
 pub mod oom;
