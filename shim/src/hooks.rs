@@ -289,6 +289,21 @@ mod tests {
     }
 
     #[test]
+    fn the_holder_is_in_a_new_or_the_named_network_namespace() {
+        use std::os::unix::fs::MetadataExt;
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        let ours = ino(Path::new("/proc/self/ns/net"));
+        let (holder, ns) = Holder::start(None).expect("a new network namespace (the shim's tests run as root)");
+        assert_eq!(ino(Path::new(&format!("/proc/self/task/{}/ns/net", holder.tid))), ino(&ns.path()));
+        holder.release();
+        // Held after the thread is gone.
+        assert_ne!(ino(&ns.path()), ours);
+        let (holder, joined) = Holder::start(Some(Path::new("/proc/self/ns/net"))).unwrap();
+        holder.release();
+        assert_eq!(ino(&joined.path()), ours);
+    }
+
+    #[test]
     fn a_hung_hook_fails_within_its_timeout() {
         let h = spec(serde_json::json!({"prestart": [{"path": "/bin/sleep", "args": ["sleep", "30"], "timeout": 1}]}));
         let e = format!("{:#}", Hooks::from_spec(&h).unwrap().run_create(&state()).unwrap_err());

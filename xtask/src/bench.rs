@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use crate::artefacts::Artefacts;
 use crate::place;
 
-pub const BENCHES: &[&str] = &["boot", "devices", "agent", "containerd", "distro", "network"];
+pub const BENCHES: &[&str] = &["boot", "devices", "agent", "containerd", "distro", "network", "docker"];
 
 /// The kernel command line both VMMs boot with (hearth-vmm's defaults).
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
@@ -45,6 +45,7 @@ pub fn inner(name: &str) -> Result<()> {
         "containerd" => crate::bench_containerd::run(),
         "distro" => crate::bench_distro::run(),
         "network" => crate::bench_network::run(),
+        "docker" => crate::bench_docker::run(),
         _ => bail!("no benchmark {name:?}"),
     }
 }

@@ -7,6 +7,7 @@ mod bench_agent;
 mod bench_containerd;
 mod bench_devices;
 mod bench_distro;
+mod bench_docker;
 mod bench_network;
 mod cpio;
 mod demo;
