@@ -7,8 +7,9 @@
 use std::process::Command;
 use std::time::Duration;
 
+use hearth_e2e::containerd::RUNTIME;
 use hearth_e2e::containerd::{text, wait_until};
-use hearth_e2e::docker::{Dockerd, HEARTH, IMAGE};
+use hearth_e2e::docker::{Dockerd, Registry, HEARTH, IMAGE};
 use hearth_e2e::{Env, Scratch};
 
 fn out(o: &std::process::Output) -> (Option<i32>, String, String) {
@@ -80,6 +81,27 @@ fn docker_run_gives_what_runc_gives() {
     assert_same("-t", &got);
     assert!(got[1].1.starts_with("/dev/pts/0\r\nline\r\n"), "{got:?}");
 
+    // A terminal's size set through Docker's API (what `docker run -t`
+    // does when the client's terminal changes) reaches the container's.
+    let sizes = ["runc", HEARTH].map(|rt| {
+        let name = format!("tty-{rt}");
+        // The container's shell prints its terminal's size on SIGWINCH.
+        let script = "trap 'busybox stty size' WINCH; echo ready; while :; do sleep 0.2; done";
+        d.ok(&["run", "-d", "-t", "--name", &name, "--runtime", rt, IMAGE, "sh", "-c", script]);
+        wait_until(&format!("{name}'s trap set"), Duration::from_secs(60), || d.ok(&["logs", &name]).contains("ready"));
+        let url = format!("http://docker/containers/{name}/resize?h=33&w=101");
+        hearth_e2e::host(Command::new("curl").args(["-sf", "-X", "POST", "--unix-socket"]).arg(&d.socket).arg(&url));
+        let mut logs = String::new();
+        wait_until(&format!("the size in {name}"), Duration::from_secs(60), || {
+            logs = d.ok(&["logs", &name]);
+            logs.lines().count() > 1
+        });
+        d.ok(&["rm", "-f", &name]);
+        logs.lines().nth(1).unwrap_or_default().trim().to_string()
+    });
+    assert_eq!(sizes[1], sizes[0], "the resized terminal");
+    assert_eq!(sizes[1].trim(), "33 101");
+
     // A missing command fails as runc's does (127, the message in stderr).
     let got = on_both(&d, &[], &["no-such-command"], b"");
     assert_eq!(got[1].0, got[0].0, "{got:?}");
@@ -102,6 +124,10 @@ fn a_detached_container_lives_stops_and_restarts_as_docker_says() {
     // exec: output and exit code, stdin.
     let o = d.docker(&["exec", "web", "sh", "-c", "echo in-exec; exit 5"]);
     assert_eq!((o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned()), (Some(5), "in-exec\n".into()));
+    let o = d.docker(&["exec", "web", "no-such-command"]);
+    // 126, as Docker gives with runc for any exec that cannot start.
+    assert_eq!(o.status.code(), Some(126), "exec of a missing command: {}", text(&o));
+    assert!(text(&o).contains("executable file not found"), "{}", text(&o));
     let o = d.docker_in(&["exec", "-i", "web", "cat"], b"to exec\n");
     assert_eq!(String::from_utf8_lossy(&o.stdout), "to exec\n", "{}", text(&o));
 
@@ -346,4 +372,25 @@ fn docker_networks_and_published_ports_reach_the_vm() {
         let o = d.ok(&["run", "--rm", "--runtime", HEARTH, IMAGE, "sh", "-c", "ls /sys/class/net | grep -c eth0"]);
         assert_eq!(o.trim(), "1", "run {i}: eth0 in the container");
     }
+}
+
+#[test]
+fn images_come_through_a_local_registry() {
+    let env = Env::get();
+    let scratch = Scratch::new("docker-registry");
+    let d = Dockerd::start(&env, &scratch);
+    let registry = Registry::start(&scratch);
+    let reference = format!("{}/hearth/pulled:1", registry.addr);
+
+    d.ok(&["tag", IMAGE, &reference]);
+    d.ok(&["push", &reference]);
+    d.ok(&["rmi", &reference]);
+    d.ok(&["pull", &reference]);
+    let kernel = d.ok(&["run", "--rm", "--runtime", HEARTH, &reference, "uname", "-r"]);
+    assert_eq!(kernel.trim(), env.kernel_release, "docker pull, then run on hearth");
+
+    // ctr pulls the same image into containerd's own store and runs it.
+    d.containerd.ok(&["images", "pull", "--plain-http", &reference]);
+    let o = d.containerd.ok(&["run", "--rm", "--runtime", RUNTIME, &reference, "pulled", "uname", "-r"]);
+    assert_eq!(o.trim(), env.kernel_release, "ctr pull, then run on hearth");
 }

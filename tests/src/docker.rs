@@ -155,3 +155,46 @@ impl Drop for Dockerd {
         let _ = Command::new("umount").arg("-R").arg("-l").arg(&self.root).status();
     }
 }
+
+/// Debian's docker-registry on a loopback port of the test host, storing
+/// into the scratch directory: what `docker push`/`pull` and `ctr pull`
+/// reach (a registry on 127.0.0.1 needs no TLS for either).
+pub struct Registry {
+    child: Child,
+    pub addr: String,
+}
+
+impl Registry {
+    pub fn start(scratch: &Scratch) -> Registry {
+        let addr = "127.0.0.1:5000".to_string();
+        let config = scratch.path("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                scratch.path("registry").display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(scratch.path("registry.log")).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting docker-registry (installed by `cargo xtask setup`)");
+        crate::containerd::wait_until("the registry listening", Duration::from_secs(60), || {
+            std::net::TcpStream::connect(&addr).is_ok()
+        });
+        Registry { child, addr }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

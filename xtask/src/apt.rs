@@ -34,6 +34,8 @@ const PACKAGES: &[(&str, &str)] = &[
         "CNI's bridge, host-local and portmap, run by the network suite as the CRI runs them",
     ),
     ("iptables", "CNI's portmap plugin programs the host's NAT with it (iptables-nft)"),
+    ("curl", "Docker's API over its socket in the docker suite (a terminal's resize)"),
+    ("docker-registry", "a local registry on loopback, which the docker suite pushes to and pulls from"),
     ("mmdebstrap", "the Debian test image (docker.io/hearth/debian) and the distros, made as root from the mirror"),
     (
         "protobuf-compiler",
