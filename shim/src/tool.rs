@@ -105,7 +105,7 @@ mod tests {
     fn input_reaches_stdin_and_a_late_program_is_killed() {
         let o = output_with(&mut Command::new("cat"), Some(b"state"), None).unwrap();
         assert_eq!(o.stdout, b"state");
-        let e = output_with(&mut Command::new("sleep").arg("10"), None, Some(Duration::from_millis(200))).unwrap_err();
+        let e = output_with(Command::new("sleep").arg("10"), None, Some(Duration::from_millis(200))).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
     }
 }
