@@ -35,8 +35,13 @@ const ACCEPT_WINDOW: Duration = Duration::from_secs(10);
 /// file a bind mount puts at /etc/resolv.conf (dockerd writes it).
 pub fn wanted(spec: &Spec) -> Option<Ipv4Addr> {
     let m = spec.mounts().as_ref()?.iter().find(|m| m.destination() == Path::new("/etc/resolv.conf"))?;
-    let text = std::fs::read(m.source().as_ref()?).ok()?;
-    resolver_in(&String::from_utf8_lossy(&text[..text.len().min(64 * 1024)]))
+    // The container can write this file (it is bound read-write): read a
+    // bounded prefix, and relay only to a loopback address of its own
+    // host-side namespace, which holds nothing but what its caller put.
+    let mut text = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(File::open(m.source().as_ref()?).ok()?, 64 * 1024), &mut text)
+        .ok()?;
+    resolver_in(&String::from_utf8_lossy(&text))
 }
 
 /// The first `nameserver` of a resolv.conf, if it is a loopback IPv4 one.
