@@ -28,6 +28,8 @@ use oci_spec::runtime::Spec;
 
 /// Streams relayed at once; more wait for the agent's retry.
 const MAX_IN_FLIGHT: usize = 64;
+/// How long a relayed stream may stay silent.
+const IDLE: Duration = Duration::from_secs(30);
 /// How often the accepting thread looks at the stop flag.
 const ACCEPT_WINDOW: Duration = Duration::from_secs(10);
 
@@ -85,9 +87,14 @@ impl Relay {
                 }
                 let (ns, in_flight) = (ns.clone(), in_flight.clone());
                 std::thread::spawn(move || {
-                    if let Err(e) =
-                        connect_in(&ns, SocketAddr::from((addr, 53))).and_then(|tcp| relay_both_ways(stream, tcp))
-                    {
+                    // An idle stream ends (a read times out), so that a
+                    // silent guest cannot hold every slot for ever.
+                    let relayed = connect_in(&ns, SocketAddr::from((addr, 53))).and_then(|tcp| {
+                        stream.set_read_timeout(Some(IDLE))?;
+                        tcp.set_read_timeout(Some(IDLE))?;
+                        relay_both_ways(stream, tcp)
+                    });
+                    if let Err(e) = relayed {
                         log::debug!("DNS relay: {e}");
                     }
                     in_flight.fetch_sub(1, Ordering::AcqRel);
