@@ -143,6 +143,12 @@ fn a_detached_container_lives_stops_and_restarts_as_docker_says() {
     let logs = hearth_e2e::output_within(follow, Duration::from_secs(60)).expect("docker logs -f did not end");
     assert_eq!(String::from_utf8_lossy(&logs.stdout), "started\ngot-term\n", "docker logs -f");
 
+    // Started again (a new task of the same container, its network
+    // plugged in afresh), it runs and answers exec.
+    d.ok(&["start", "web"]);
+    wait_until("web started again", Duration::from_secs(60), || d.ok(&["logs", "web"]).matches("started").count() == 2);
+    assert_eq!(d.ok(&["exec", "web", "sh", "-c", "ip -4 -o addr show eth0 | wc -l"]).trim(), "1");
+
     // A signal by name; then a stop whose SIGTERM is ignored ends in SIGKILL.
     let script = "trap 'echo got-usr1' USR1; trap '' TERM; echo up; while true; do sleep 0.2; done";
     d.ok(&["run", "-d", "--name", "stubborn", "--runtime", HEARTH, IMAGE, "sh", "-c", script]);

@@ -34,7 +34,7 @@ const EXPECTED_SECS: &[(&str, u64)] = &[
     ("containerd", 170),
     ("escape", 160),
     ("network", 240),
-    ("docker", 300),
+    ("docker", 420),
     ("unit", 110),
     ("devices", 95),
     ("agent", 27),
