@@ -37,7 +37,8 @@ fn is_bind(kind: Option<&str>, options: &[String]) -> bool {
 /// - namespaces given by path (a host's netns file, say): the guest cannot
 ///   join a host namespace, so the container gets a new one (the shim
 ///   mirrors a network namespace's interfaces into it: shim/src/netns.rs);
-/// - hooks: they name host programs, which the guest does not have.
+/// - hooks: they name host programs, which the guest does not have (the
+///   shim runs those it can on the host: shim/src/hooks.rs).
 pub fn for_guest(spec: &mut Spec, id: &str, guest_shared: &Path) -> Vec<HostBind> {
     let mut binds = Vec::new();
     if let Some(mounts) = spec.mounts().clone() {
