@@ -109,6 +109,28 @@ impl Dockerd {
         })
     }
 
+    /// [`Dockerd::docker`] with `input` on its stdin, which stays open
+    /// until the command ends: Docker 26 can drop input that arrives with
+    /// its end-of-file before `docker run -i` has attached (with runc too).
+    pub fn docker_reading(&self, args: &[&str], input: &[u8]) -> Output {
+        let guard = Duration::from_secs(300);
+        let mut child = self
+            .command()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting docker (docker-cli, installed by `cargo xtask setup`)");
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input).unwrap();
+        let o = crate::output_within(child, guard).unwrap_or_else(|| {
+            panic!("docker {args:?} hung (killed after {guard:?}); dockerd:\n{}", tail(&self.log_text(), 30))
+        });
+        drop(stdin);
+        o
+    }
+
     /// `docker` that must succeed; its stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let o = self.docker(args);
