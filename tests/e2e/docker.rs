@@ -130,8 +130,8 @@ fn a_detached_container_lives_stops_and_restarts_as_docker_says() {
     // 126, as Docker gives with runc for any exec that cannot start.
     assert_eq!(o.status.code(), Some(126), "exec of a missing command: {}", text(&o));
     assert!(text(&o).contains("executable file not found"), "{}", text(&o));
-    let o = d.docker_in(&["exec", "-i", "web", "cat"], b"to exec\n");
-    assert_eq!(String::from_utf8_lossy(&o.stdout), "to exec\n", "{}", text(&o));
+    let o = d.docker_reading(&["exec", "-i", "web", "sh", "-c", "read line; echo got $line"], b"to exec\n");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "got to exec\n", "{}", text(&o));
 
     // The pid Docker shows is a host process: hearth-vmm's.
     let pid = d.inspect("web", "{{.State.Pid}}");
