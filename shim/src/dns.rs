@@ -13,7 +13,6 @@
 
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -113,20 +112,10 @@ impl Drop for Relay {
     }
 }
 
-/// A TCP connection to `to` made from inside the namespace `ns` (a thread
-/// of its own enters it; the connection stays there).
+/// A TCP connection to `to` made from inside the namespace `ns`.
 fn connect_in(ns: &Arc<File>, to: SocketAddr) -> std::io::Result<TcpStream> {
-    let ns = ns.clone();
-    std::thread::spawn(move || {
-        // SAFETY: setns on a namespace descriptor we hold; it changes only
-        // this thread, which ends here.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        TcpStream::connect_timeout(&to, Duration::from_secs(10))
-    })
-    .join()
-    .map_err(|_| std::io::Error::other("the DNS relay's connect thread panicked"))?
+    crate::netns::on_thread_in(ns.clone(), move || Ok(TcpStream::connect_timeout(&to, Duration::from_secs(10))?))
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))
 }
 
 #[cfg(test)]

@@ -188,22 +188,31 @@ fn in_netns(netns: &Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Opens a tap named `name` inside the network namespace `netns`: from a
-/// thread of its own that enters it, so that the shim stays where it is.
+/// Runs `f` on a thread of its own that enters the network namespace `ns`
+/// (what `f` makes there, a tap or a socket, stays there), so that the
+/// shim's own threads never leave the host's namespace.
+pub(crate) fn on_thread_in<T: Send + 'static>(
+    ns: std::sync::Arc<std::fs::File>,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    std::thread::spawn(move || {
+        // SAFETY: setns on a namespace descriptor we hold; it changes only
+        // this thread, which ends after f.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(anyhow!("entering the network namespace: {}", std::io::Error::last_os_error()));
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow!("a thread in a network namespace panicked"))?
+}
+
+/// Opens a tap named `name` inside the network namespace `netns`.
 fn open_tap_in(netns: &Path, name: &str) -> Result<Tap> {
     let ns =
         std::fs::File::open(netns).with_context(|| format!("opening the network namespace {}", netns.display()))?;
     let name = name.to_string();
-    std::thread::spawn(move || {
-        // SAFETY: setns on a namespace descriptor we own; it changes only
-        // this thread, which ends here.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(anyhow!("entering the network namespace: {}", std::io::Error::last_os_error()));
-        }
-        Tap::open(&name).map_err(|e| anyhow!("creating the tap {name}: {e}"))
-    })
-    .join()
-    .map_err(|_| anyhow!("the tap thread panicked"))?
+    on_thread_in(ns.into(), move || Tap::open(&name).map_err(|e| anyhow!("creating the tap {name}: {e}")))
 }
 
 /// What was set up for one container, undone by [`Mirrored::teardown`].
