@@ -50,6 +50,20 @@ pub struct State {
     pub annotations: std::collections::HashMap<String, String>,
 }
 
+impl State {
+    /// Container `id`'s state, from its spec.
+    pub fn new(spec: &Spec, id: &str, bundle: &str, status: &'static str, pid: i32) -> State {
+        State {
+            oci_version: spec.version().clone(),
+            id: id.to_string(),
+            status,
+            pid,
+            bundle: bundle.to_string(),
+            annotations: spec.annotations().clone().unwrap_or_default(),
+        }
+    }
+}
+
 /// The hooks of a spec that hearth runs on the host.
 #[derive(Debug, Default, Clone)]
 pub struct Hooks {
@@ -94,6 +108,27 @@ impl Hooks {
             run(h, state).with_context(|| format!("the prestart/createRuntime hook {}", h.path().display()))?;
         }
         Ok(())
+    }
+
+    /// Runs the createRuntime and prestart hooks of container `id` with a
+    /// [`Holder`] as their pid, in the container's host-side network
+    /// namespace: the one the spec names (`requested`), a new one, or the
+    /// host's when the spec gives it none (it shares the VM's). Returns
+    /// that namespace, held, when the container has one of its own.
+    pub fn run_create_held(
+        &self,
+        spec: &Spec,
+        id: &str,
+        bundle: &str,
+        requested: Option<&Path>,
+    ) -> Result<Option<HostNetns>> {
+        let own = crate::netns::has_namespace(spec);
+        let join = if own { requested } else { Some(Path::new("/proc/self/ns/net")) };
+        let (holder, ns) = Holder::start(join)?;
+        let ran = self.run_create(&State::new(spec, id, bundle, "creating", holder.tid));
+        holder.release();
+        ran?;
+        Ok(own.then_some(ns))
     }
 
     /// The poststart hooks: a failure is logged, as runtime-spec says.

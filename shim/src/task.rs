@@ -544,29 +544,11 @@ impl Service {
             // Hooks run on the host, with a holder thread in the
             // container's host-side network namespace as their pid; what
             // they plug into that namespace (Docker's veth) is mirrored.
-            let mut held = None;
-            if hooks.any() {
-                let join = if crate::netns::has_namespace(&spec) {
-                    requested.clone()
-                } else {
-                    Some("/proc/self/ns/net".into())
-                };
-                let (holder, ns) = crate::hooks::Holder::start(join.as_deref())?;
-                let state = crate::hooks::State {
-                    oci_version: spec.version().clone(),
-                    id: req.id.clone(),
-                    status: "creating",
-                    pid: holder.tid,
-                    bundle: req.bundle.clone(),
-                    annotations: spec.annotations().clone().unwrap_or_default(),
-                };
-                let ran = hooks.run_create(&state);
-                holder.release();
-                ran?;
-                if crate::netns::has_namespace(&spec) {
-                    held = Some(ns);
-                }
-            }
+            let held = if hooks.any() {
+                hooks.run_create_held(&spec, &req.id, &req.bundle, requested.as_deref())?
+            } else {
+                None
+            };
             let to_mirror = match held {
                 Some(ns) => Some((ns.path(), Some(ns))),
                 None => requested.map(|p| (p, None)),
@@ -636,15 +618,7 @@ impl Service {
                     netns: mirrored,
                     _dns: dns,
                     hooks: hooks.any().then(|| {
-                        let state = crate::hooks::State {
-                            oci_version: spec.version().clone(),
-                            id: req.id.clone(),
-                            status: "created",
-                            pid: host_pid as i32,
-                            bundle: req.bundle.clone(),
-                            annotations: spec.annotations().clone().unwrap_or_default(),
-                        };
-                        (hooks, state)
+                        (hooks, crate::hooks::State::new(&spec, &req.id, &req.bundle, "created", host_pid as i32))
                     }),
                 },
             )),
@@ -929,7 +903,7 @@ impl Task for Service {
                 ..Default::default()
             });
         }
-        let c = self.containers().remove(&req.id).ok_or_else(|| not_found(format!("no container {}", req.id)))?;
+        let mut c = self.containers().remove(&req.id).ok_or_else(|| not_found(format!("no container {}", req.id)))?;
         {
             let mut deleted = self.0.deleted.lock().unwrap();
             if deleted.len() == DELETED_KEPT {
@@ -962,7 +936,7 @@ impl Task for Service {
                 m.teardown(None);
             }
         }
-        if let Some((hooks, mut state)) = c.hooks.clone() {
+        if let Some((hooks, mut state)) = c.hooks.take() {
             state.status = "stopped";
             hooks.run_poststop(&state);
         }
