@@ -31,6 +31,16 @@ fn assert_same(what: &str, got: &[(Option<i32>, String, String); 2]) {
     assert_eq!(got[1], got[0], "{what}: hearth (right) differs from runc (left)");
 }
 
+/// `hearth-guest-tool tcp-check ADDR 8080 BYTES` in a `docker run --rm
+/// [extra] IMAGE` container: every byte echoed back.
+fn tcp_check(d: &Dockerd, what: &str, extra: &[&str], addr: &str, bytes: &str) {
+    let mut args = vec!["run", "--rm"];
+    args.extend(extra);
+    args.extend([IMAGE, "hearth-guest-tool", "tcp-check", addr, "8080", bytes]);
+    let o = d.ok(&args);
+    assert!(o.contains(&format!("HEARTH-TCP-CHECK: ok {bytes}")), "{what}: {o}");
+}
+
 fn host_pid_is_hearth_vmm(pid: &str) {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     assert!(
@@ -309,61 +319,21 @@ fn docker_networks_and_published_ports_reach_the_vm() {
 
     // The default bridge network: the container has Docker's address in
     // the VM, and is reached at it and through a published port.
-    d.ok(&[
-        "run",
-        "-d",
-        "--name",
-        "srv",
-        "-p",
-        "18080:8080",
-        "--runtime",
-        HEARTH,
-        IMAGE,
-        "hearth-guest-tool",
-        "tcp-echo",
-        "8080",
-    ]);
+    d.echo_server("srv", &["-p", "18080:8080"]);
     let ip = d.inspect("srv", "{{.NetworkSettings.IPAddress}}");
     assert!(ip.starts_with("172.17."), "docker's address: {ip:?}");
     let inside = d.ok(&["exec", "srv", "ip", "-4", "-o", "addr", "show", "eth0"]);
     assert!(inside.contains(&format!("{ip}/16")), "eth0 in the VM: {inside}");
     // A runc container on the same bridge, then the host through the port.
-    let o = d.ok(&["run", "--rm", "--runtime", "runc", IMAGE, "hearth-guest-tool", "tcp-check", &ip, "8080", "100000"]);
-    assert!(o.contains("HEARTH-TCP-CHECK: ok 100000"), "runc container to hearth container: {o}");
+    tcp_check(&d, "runc container to hearth container", &["--runtime", "runc"], &ip, "100000");
     let o = hearth_e2e::host(Command::new(&env.guest_tool).args(["tcp-check", "127.0.0.1", "18080", "100000"]));
     assert!(o.contains("HEARTH-TCP-CHECK: ok 100000"), "host to the published port: {o}");
 
     // A user-defined network: containers by name, through Docker's DNS.
     d.ok(&["network", "create", "appnet"]);
-    d.ok(&[
-        "run",
-        "-d",
-        "--name",
-        "named",
-        "--network",
-        "appnet",
-        "--runtime",
-        HEARTH,
-        IMAGE,
-        "hearth-guest-tool",
-        "tcp-echo",
-        "8080",
-    ]);
-    let o = d.ok(&[
-        "run",
-        "--rm",
-        "--network",
-        "appnet",
-        "--runtime",
-        HEARTH,
-        IMAGE,
-        "hearth-guest-tool",
-        "tcp-check",
-        "named",
-        "8080",
-        "1000",
-    ]);
-    assert!(o.contains("HEARTH-TCP-CHECK: ok 1000"), "by name on a user-defined network: {o}");
+    d.echo_server("named", &["--network", "appnet"]);
+    let on_appnet = ["--network", "appnet", "--runtime", HEARTH];
+    tcp_check(&d, "by name on a user-defined network", &on_appnet, "named", "1000");
 
     // No network: loopback only.
     // (sit0 is the guest kernel's own, in every namespace, and down.)

@@ -88,31 +88,19 @@ impl Dockerd {
         self.docker_in(args, b"")
     }
 
-    /// [`Dockerd::docker`] with `input` on its stdin.
+    /// [`Dockerd::docker`] with `input` on its stdin, then its end.
     pub fn docker_in(&self, args: &[&str], input: &[u8]) -> Output {
-        let guard = Duration::from_secs(300);
-        let mut child = self
-            .command()
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting docker (docker-cli, installed by `cargo xtask setup`)");
-        let mut stdin = child.stdin.take().unwrap();
-        let input = input.to_vec();
-        std::thread::spawn(move || {
-            let _ = stdin.write_all(&input);
-        });
-        crate::output_within(child, guard).unwrap_or_else(|| {
-            panic!("docker {args:?} hung (killed after {guard:?}); dockerd:\n{}", tail(&self.log_text(), 30))
-        })
+        self.run(args, input, false)
     }
 
     /// [`Dockerd::docker`] with `input` on its stdin, which stays open
     /// until the command ends: Docker 26 can drop input that arrives with
     /// its end-of-file before `docker run -i` has attached (with runc too).
     pub fn docker_reading(&self, args: &[&str], input: &[u8]) -> Output {
+        self.run(args, input, true)
+    }
+
+    fn run(&self, args: &[&str], input: &[u8], hold_stdin: bool) -> Output {
         let guard = Duration::from_secs(300);
         let mut child = self
             .command()
@@ -123,12 +111,31 @@ impl Dockerd {
             .spawn()
             .expect("starting docker (docker-cli, installed by `cargo xtask setup`)");
         let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(input).unwrap();
+        let held = if hold_stdin {
+            stdin.write_all(input).unwrap();
+            Some(stdin)
+        } else {
+            // A thread, so that a command that does not read cannot block us.
+            let input = input.to_vec();
+            std::thread::spawn(move || {
+                let _ = stdin.write_all(&input);
+            });
+            None
+        };
         let o = crate::output_within(child, guard).unwrap_or_else(|| {
             panic!("docker {args:?} hung (killed after {guard:?}); dockerd:\n{}", tail(&self.log_text(), 30))
         });
-        drop(stdin);
+        drop(held);
         o
+    }
+
+    /// Starts container `name` detached on hearth with `extra` options,
+    /// running `hearth-guest-tool tcp-echo 8080`.
+    pub fn echo_server(&self, name: &str, extra: &[&str]) {
+        let mut args = vec!["run", "-d", "--name", name];
+        args.extend(extra);
+        args.extend(["--runtime", HEARTH, IMAGE, "hearth-guest-tool", "tcp-echo", "8080"]);
+        self.ok(&args);
     }
 
     /// `docker` that must succeed; its stdout.
