@@ -12,6 +12,7 @@
 //! - [`disk`]: container roots on disk images attached to the VM;
 //! - [`network`]: the VM's own NAT network; [`netns`]: a container's
 //!   network from the namespace its caller made, mirrored into the VM;
+//! - [`pod`]: a CRI pod's containers join its sandbox's namespaces in the VM;
 //! - [`config`] reads `/etc/hearth/config.toml`;
 //! - [`record`]: the running VM's record (`vm.json`) for `hearth status`.
 
@@ -26,6 +27,7 @@ pub mod logging;
 pub mod metrics;
 pub mod netns;
 pub mod network;
+pub mod pod;
 pub mod record;
 pub mod share;
 pub mod shim;

@@ -59,6 +59,9 @@ struct Container {
     /// top`, monitoring agents or nsenter scripts would act on whatever host
     /// process has that number.
     host_pid: u32,
+    /// Its init's pid in the VM, as the agent reported it: used only to
+    /// name its namespaces there for the containers of its pod (pod.rs).
+    guest_pid: u32,
     /// The interfaces of the network namespace its caller made, mirrored
     /// into the VM (netns.rs); undone at delete.
     netns: Option<crate::netns::Mirrored>,
@@ -510,6 +513,11 @@ impl Service {
             .map_err(|e| anyhow::anyhow!("reading {}/config.json: {e}", bundle.display()))?;
         let mut spec = hearth_oci::parse_spec(&spec_json)?;
         let hooks = crate::hooks::Hooks::from_spec(&spec)?;
+        // A CRI pod's container joins its sandbox's namespaces in the VM.
+        let pod = match crate::pod::sandbox_of(&spec) {
+            Some(sandbox) => Some((self.sandbox_pid(&sandbox, &vm)?, crate::pod::shared_namespaces(&spec))),
+            None => None,
+        };
         let mut mounts = Vec::new();
         let mut disk = None;
         let mut mirrored = None;
@@ -537,7 +545,8 @@ impl Service {
             // join a host namespace; it gets its interfaces instead).
             let mut interfaces = Vec::new();
             let mut dns_relay = None;
-            let requested = crate::netns::requested(&spec);
+            // A pod's container has its sandbox's network, mirrored already.
+            let requested = crate::netns::requested(&spec).filter(|_| pod.is_none());
             if let Some(p) = &requested {
                 crate::netns::check_joinable(p, vm.vmm_pid)?;
             }
@@ -578,6 +587,9 @@ impl Service {
             for b in hearth_oci::translate::for_guest(&mut spec, &req.id, Path::new(vm::GUEST_SHARED)) {
                 mounts.push(vm.shared.bind(&b.in_share, &b.source, b.recursive, b.readonly)?);
             }
+            if let Some((sandbox_pid, shared)) = &pod {
+                crate::pod::join_sandbox(&mut spec, shared, *sandbox_pid)?;
+            }
             let paths = StdioPaths {
                 stdin: req.stdin.clone(),
                 stdout: req.stdout.clone(),
@@ -601,11 +613,11 @@ impl Service {
                 .pid;
             log::info!("container {}: guest pid {guest_pid} in hearth-vmm pid {}", req.id, vm.vmm_pid);
             let io = pending.start().map(Arc::new).ok();
-            Ok::<_, anyhow::Error>((paths, io))
+            Ok::<_, anyhow::Error>((paths, io, guest_pid))
         })();
         let host_pid = vm.vmm_pid as u32;
         match result {
-            Ok((paths, io)) => Ok((
+            Ok((paths, io, guest_pid)) => Ok((
                 host_pid,
                 Container {
                     bundle: req.bundle.clone(),
@@ -615,6 +627,7 @@ impl Service {
                     vm_boot_id: vm.boot_id.clone(),
                     disk,
                     host_pid,
+                    guest_pid,
                     netns: mirrored,
                     _dns: dns,
                     hooks: hooks.any().then(|| {
@@ -631,6 +644,19 @@ impl Service {
                 vm.forget_dirs(&req.id);
                 Err(e)
             }
+        }
+    }
+
+    /// The guest pid of pod sandbox `id`'s init, which must run in `vm`.
+    fn sandbox_pid(&self, id: &str, vm: &Vm) -> anyhow::Result<u32> {
+        let cs = self.containers();
+        match cs.get(id) {
+            Some(c) if c.vm_boot_id == vm.boot_id => Ok(c.guest_pid),
+            Some(_) => anyhow::bail!("the pod sandbox {id} ran in an earlier VM, which is gone: recreate the pod"),
+            None => anyhow::bail!(
+                "the pod sandbox {id} is not served by this shim: a pod's containers must run in its sandbox's VM \
+                 (are the sandbox and this container under different runtime handlers?)"
+            ),
         }
     }
 
