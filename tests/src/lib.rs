@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod cni;
 pub mod containerd;
+pub mod cri;
 pub mod distro;
 pub mod docker;
 
@@ -19,6 +20,8 @@ use std::time::{Duration, Instant};
 /// The reference of the image in [`Env::debian_image`]: Debian 12 minbase
 /// (bash, coreutils, apt, dpkg), made by mmdebstrap, no registry needed.
 pub const DEBIAN_IMAGE: &str = "docker.io/hearth/debian:bookworm";
+/// A CRI pod's sandbox image (the pause process), built locally.
+pub const PAUSE_IMAGE: &str = "docker.io/hearth/pause:latest";
 
 /// Paths the xtask hands to the suites.
 pub struct Env {
@@ -37,6 +40,11 @@ pub struct Env {
     pub shim: PathBuf,
     /// The busybox OCI image archive (docker.io/hearth/busybox:latest).
     pub busybox_image: PathBuf,
+    /// The pause image archive ([`PAUSE_IMAGE`]), a CRI pod's sandbox.
+    pub pause_image: PathBuf,
+    /// The directory of containerd 1.7's binaries (Debian 13's, unpacked by
+    /// setup), which the cri suite runs; the others run Debian 12's 1.6.
+    pub containerd_cri: PathBuf,
     /// The Debian minbase OCI image archive ([`DEBIAN_IMAGE`]).
     pub debian_image: PathBuf,
     pub virtiofsd: PathBuf,
@@ -69,6 +77,8 @@ impl Env {
             agent_initramfs: var("HEARTH_AGENT_INITRAMFS").into(),
             shim: var("HEARTH_SHIM").into(),
             busybox_image: var("HEARTH_BUSYBOX_IMAGE").into(),
+            pause_image: var("HEARTH_PAUSE_IMAGE").into(),
+            containerd_cri: var("HEARTH_CONTAINERD_CRI").into(),
             debian_image: var("HEARTH_DEBIAN_IMAGE").into(),
             virtiofsd: var("HEARTH_VIRTIOFSD").into(),
             cli: var("HEARTH_CLI").into(),

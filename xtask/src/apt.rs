@@ -63,6 +63,90 @@ const PINS: &[Pin] = &[Pin {
     why: "Docker 26 (docker.io, docker-cli), which runs hearth as a shim v2 runtime (e2e docker)",
 }];
 
+/// A package of a pinned suite that is unpacked into the cache rather than
+/// installed, so that Debian 12's own version stays the system's.
+pub struct Unpacked {
+    pub package: &'static str,
+    /// One of the [`PINS`]' suites (apt knows it, at priority 1).
+    pub suite: &'static str,
+    pub why: &'static str,
+}
+
+/// containerd 1.7 for the cri suite: the issue asks for hearth to work with
+/// both Debian 12's 1.6 (what `ctr` users there have, which the containerd
+/// and docker suites run) and 1.7; installing 1.7 would leave 1.6 untried.
+/// Its binaries need only glibc 2.34 and run on Debian 12.
+pub const CONTAINERD_CRI: Unpacked = Unpacked {
+    package: "containerd",
+    suite: "trixie",
+    why: "containerd 1.7 with its CRI plugin, which the cri suite runs beside Debian 12's 1.6",
+};
+
+/// The version of `u.package` in its suite, from `apt-cache madison`.
+fn suite_version(u: &Unpacked) -> Result<String> {
+    let out = sh::output(cmd("apt-cache").args(["madison", u.package]))?;
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('|').map(str::trim).collect();
+            (f.len() == 3 && f[2].contains(&format!(" {}/", u.suite))).then(|| f[1].to_string())
+        })
+        .next()
+        .with_context(|| {
+            format!(
+                "apt knows no {} in {}: run `cargo xtask setup` (it adds the {} sources)",
+                u.package, u.suite, u.suite
+            )
+        })
+}
+
+/// The directory `u`'s package is unpacked in (its `usr/bin` holds the
+/// binaries), downloaded and unpacked once per version.
+pub fn unpacked(u: &Unpacked) -> Result<std::path::PathBuf> {
+    let cache = crate::paths::cache().join("debs");
+    // Offline, the newest one unpacked before serves.
+    let version = match suite_version(u) {
+        Ok(v) => v,
+        Err(e) => {
+            let prefix = format!("{}_", u.package);
+            let mut have: Vec<_> = std::fs::read_dir(&cache)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.join(".unpacked").exists())
+                .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
+                .collect();
+            have.sort();
+            return have.pop().ok_or(e);
+        }
+    };
+    let dir = cache.join(format!("{}_{}", u.package, version.replace([':', '~'], "_")));
+    if dir.join(".unpacked").exists() {
+        return Ok(dir);
+    }
+    eprintln!("==> {} {version} from {}, unpacked into {} ({})", u.package, u.suite, dir.display(), u.why);
+    let download = cache.join("download");
+    let _ = std::fs::remove_dir_all(&download);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&download)?;
+    // apt's sandbox user cannot write into root's cache.
+    sh::run(
+        cmd("apt-get")
+            .args(["download", "-q", "-o", "APT::Sandbox::User=root", &format!("{}={version}", u.package)])
+            .current_dir(&download),
+    )
+    .with_context(|| format!("downloading {} {version} from {}", u.package, u.suite))?;
+    let deb = std::fs::read_dir(&download)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download left no .deb")?;
+    sh::run(cmd("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
+    std::fs::write(dir.join(".unpacked"), &version)?;
+    let _ = std::fs::remove_dir_all(&download);
+    Ok(dir)
+}
+
 /// The URI apt already fetches Debian 12 from, so that the pinned suites
 /// come from the same mirror.
 fn mirror() -> Result<String> {

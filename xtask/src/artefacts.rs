@@ -27,6 +27,11 @@ pub struct Artefacts {
     pub shim: PathBuf,
     /// The busybox OCI image archive.
     pub busybox_image: PathBuf,
+    /// The pause image archive (a CRI pod's sandbox).
+    pub pause_image: PathBuf,
+    /// containerd 1.7's binaries (Debian 13's, unpacked beside Debian 12's
+    /// 1.6), which the cri suite runs.
+    pub containerd_cri: PathBuf,
     /// The Debian minbase OCI image archive (docker.io/hearth/debian:bookworm).
     pub debian_image: PathBuf,
     pub virtiofsd: PathBuf,
@@ -59,8 +64,10 @@ impl Artefacts {
         let k = kernel::find()?;
         let guest_tool = paths::target_dir().join(GUEST_TARGET).join("release/hearth-guest-tool");
         let busybox_image = crate::images::ensure_busybox(&guest_tool)?;
+        let pause_image = crate::images::ensure_pause(&guest_tool)?;
         let debian_image = crate::images::ensure_debian(&crate::images::DEBIAN)?;
         crate::images::ensure_suite_distro()?;
+        let containerd_cri = crate::apt::unpacked(&crate::apt::CONTAINERD_CRI)?;
         Ok(Artefacts {
             vmm: paths::release_bin("hearth-vmm"),
             vmlinux: k.vmlinux,
@@ -72,6 +79,8 @@ impl Artefacts {
             agent_initramfs,
             shim: paths::release_bin("containerd-shim-hearth-v2"),
             busybox_image,
+            pause_image,
+            containerd_cri,
             debian_image,
             virtiofsd: crate::setup::find_virtiofsd().context("virtiofsd is not installed: run `cargo xtask setup`")?,
             cli: paths::release_bin("hearth"),
@@ -91,6 +100,8 @@ impl Artefacts {
             ("HEARTH_AGENT_INITRAMFS", self.agent_initramfs.display().to_string()),
             ("HEARTH_SHIM", self.shim.display().to_string()),
             ("HEARTH_BUSYBOX_IMAGE", self.busybox_image.display().to_string()),
+            ("HEARTH_PAUSE_IMAGE", self.pause_image.display().to_string()),
+            ("HEARTH_CONTAINERD_CRI", self.containerd_cri.display().to_string()),
             ("HEARTH_DEBIAN_IMAGE", self.debian_image.display().to_string()),
             ("HEARTH_VIRTIOFSD", self.virtiofsd.display().to_string()),
             ("HEARTH_CLI", self.cli.display().to_string()),
@@ -112,6 +123,8 @@ impl Artefacts {
             agent_initramfs: get("HEARTH_AGENT_INITRAMFS")?.into(),
             shim: get("HEARTH_SHIM")?.into(),
             busybox_image: get("HEARTH_BUSYBOX_IMAGE")?.into(),
+            pause_image: get("HEARTH_PAUSE_IMAGE")?.into(),
+            containerd_cri: get("HEARTH_CONTAINERD_CRI")?.into(),
             debian_image: get("HEARTH_DEBIAN_IMAGE")?.into(),
             virtiofsd: get("HEARTH_VIRTIOFSD")?.into(),
             cli: get("HEARTH_CLI")?.into(),

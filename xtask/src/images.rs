@@ -4,6 +4,9 @@
 //!
 //! - `docker.io/hearth/busybox:latest`: busybox with hearth's guest tool, the
 //!   test and demo image.
+//! - `docker.io/hearth/pause:latest`: a pod sandbox's image for the CRI
+//!   (`sandbox_image`), whose one file `/pause` is the guest tool, which
+//!   acts as Kubernetes' pause when run under that name.
 //! - `docker.io/hearth/debian:bookworm`: a Debian minbase made by mmdebstrap
 //!   from deb.debian.org, for tests that need a real distribution (glibc,
 //!   bash, apt, dpkg). [`Debian`] describes more such images (other releases,
@@ -21,6 +24,7 @@ use hearth_rootfs::debian::{self, Recipe};
 use hearth_rootfs::progress::Progress;
 
 pub const BUSYBOX_IMAGE: &str = "docker.io/hearth/busybox:latest";
+pub const PAUSE_IMAGE: &str = hearth_e2e::PAUSE_IMAGE;
 
 const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -142,6 +146,31 @@ pub fn ensure_busybox(guest_tool: &Path) -> Result<PathBuf> {
     write_archive(&work, &layer_tar, BUSYBOX_IMAGE, &["sh"], &out)?;
     let _ = std::fs::remove_dir_all(&work);
     eprintln!("==> image {BUSYBOX_IMAGE}: {} ({} KiB)", out.display(), std::fs::metadata(&out)?.len() / 1024);
+    Ok(out)
+}
+
+/// The pause image archive, cached by its inputs.
+pub fn ensure_pause(guest_tool: &Path) -> Result<PathBuf> {
+    let tool = std::fs::read(guest_tool)?;
+    let key = sh::key(&[b"pause-image-v1", &tool]);
+    let out = paths::cache().join("images").join(key).join("pause-oci.tar");
+    if out.exists() {
+        return Ok(out);
+    }
+    let _lock = lock(out.parent().unwrap(), PAUSE_IMAGE)?;
+    if out.exists() {
+        return Ok(out);
+    }
+    let work = out.with_file_name("work");
+    let _ = std::fs::remove_dir_all(&work);
+    let rootfs = work.join("rootfs");
+    std::fs::create_dir_all(&rootfs)?;
+    std::fs::copy(guest_tool, rootfs.join("pause")).context("copying hearth-guest-tool as /pause")?;
+    let layer_tar = work.join("layer.tar");
+    reproducible_tar(&rootfs, &layer_tar)?;
+    write_archive(&work, &layer_tar, PAUSE_IMAGE, &["/pause"], &out)?;
+    let _ = std::fs::remove_dir_all(&work);
+    eprintln!("==> image {PAUSE_IMAGE}: {} ({} KiB)", out.display(), std::fs::metadata(&out)?.len() / 1024);
     Ok(out)
 }
 

@@ -35,6 +35,7 @@ pub fn find_virtiofsd() -> Option<PathBuf> {
 
 pub fn run() -> Result<()> {
     crate::apt::ensure()?;
+    crate::apt::unpacked(&crate::apt::CONTAINERD_CRI)?;
     virtiofsd()?;
     std::fs::create_dir_all(paths::cache())?;
     kernel::ensure()?;

@@ -23,9 +23,12 @@
 //! - `tcp-check ADDR PORT BYTES`: sends BYTES pseudo-random bytes to a
 //!   `tcp-echo` while reading them back and checks each, then prints
 //!   `HEARTH-TCP-CHECK: ok BYTES` (container to container).
+//! - `pause`, or the binary run under the name `pause`: a pod sandbox's
+//!   process (see `pause`), the pause image's entry point.
 
 mod fuse_hello;
 mod hog;
+mod pause;
 mod time_runs;
 
 use std::fs::File;
@@ -276,7 +279,10 @@ fn tcp_check(addr: &str, port: u16, bytes: usize) -> std::io::Result<()> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let num = |i: usize| args.get(i).and_then(|s| s.parse::<usize>().ok());
-    let result = match args.get(1).map(String::as_str) {
+    let called_pause = args.first().is_some_and(|a| a.rsplit('/').next() == Some("pause"));
+    let command = if called_pause { Some("pause") } else { args.get(1).map(String::as_str) };
+    let result = match command {
+        Some("pause") => pause::run(),
         Some("vsock-echo-server") => match (num(2), num(3)) {
             (Some(port), Some(conns)) => echo_server(port as u32, conns),
             _ => Err(std::io::Error::other("usage: vsock-echo-server PORT CONNS")),
@@ -318,7 +324,7 @@ fn main() -> ExitCode {
             _ => Err(std::io::Error::other("usage: time-runs N LABEL -- COMMAND...")),
         },
         _ => Err(std::io::Error::other(
-            "usage: hearth-guest-tool vsock-echo-server|vsock-echo-client|vsock-sink|vsock-flood|stdio-impostor|fuse-hello|hog|tcp-echo|tcp-check|time-runs ...",
+            "usage: hearth-guest-tool vsock-echo-server|vsock-echo-client|vsock-sink|vsock-flood|stdio-impostor|fuse-hello|hog|tcp-echo|tcp-check|time-runs|pause ...",
         )),
     };
     match result {
