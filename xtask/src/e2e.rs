@@ -13,8 +13,19 @@ use crate::place;
 use crate::sh::cmd;
 use crate::{paths, testhost};
 
-pub const SUITES: &[&str] =
-    &["boot", "devices", "agent-native", "agent", "containerd", "escape", "distro", "disks", "network", "docker"];
+pub const SUITES: &[&str] = &[
+    "boot",
+    "devices",
+    "agent-native",
+    "agent",
+    "containerd",
+    "escape",
+    "distro",
+    "disks",
+    "network",
+    "docker",
+    "cri",
+];
 
 /// Suites that need no VM: they run on this machine directly, as root.
 const NATIVE: &[&str] = &["agent-native"];
