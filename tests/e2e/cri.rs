@@ -111,7 +111,8 @@ fn a_pod_lives_through_the_kubelets_calls() {
         assert!(f[0].contains('T') && (f[0].ends_with('Z') || f[0].contains('+')), "not RFC 3339: {line}");
     }
 
-    // ExecSync: output apart, the exit code kept.
+    // ExecSync: a program found through PATH, output apart, the exit code kept.
+    c.exec_ok(&main, &["true"]);
     let r = c.exec_sync(&main, &["sh", "-c", "echo x; echo y >&2; exit 3"], 0).unwrap();
     assert_eq!((r.stdout.as_slice(), r.stderr.as_slice(), r.exit_code), (&b"x\n"[..], &b"y\n"[..], 3));
     // With a timeout it ends, as an error naming it, and kills the process.

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use crate::artefacts::Artefacts;
 use crate::place;
 
-pub const BENCHES: &[&str] = &["boot", "devices", "agent", "containerd", "distro", "network", "docker"];
+pub const BENCHES: &[&str] = &["boot", "devices", "agent", "containerd", "distro", "network", "docker", "cri"];
 
 /// The kernel command line both VMMs boot with (hearth-vmm's defaults).
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
@@ -46,6 +46,7 @@ pub fn inner(name: &str) -> Result<()> {
         "distro" => crate::bench_distro::run(),
         "network" => crate::bench_network::run(),
         "docker" => crate::bench_docker::run(),
+        "cri" => crate::bench_cri::run(),
         _ => bail!("no benchmark {name:?}"),
     }
 }

@@ -5,6 +5,7 @@ mod artefacts;
 mod bench;
 mod bench_agent;
 mod bench_containerd;
+mod bench_cri;
 mod bench_devices;
 mod bench_distro;
 mod bench_docker;

@@ -35,7 +35,7 @@ const EXPECTED_SECS: &[(&str, u64)] = &[
     ("escape", 160),
     ("network", 240),
     ("docker", 420),
-    ("cri", 300),
+    ("cri", 240),
     ("unit", 110),
     ("devices", 95),
     ("agent", 27),
