@@ -9,6 +9,12 @@
 //! cgroup v1 host the VMM stays in the shim's cgroup, and the shim's log
 //! says so once per VM.
 //!
+//! A VM of its own for a CRI pod (`mode = "per-pod"`) goes beneath the
+//! pod's cgroup instead (`<cgroup_parent>/hearth-<vm dir name>`), as Kata's
+//! `sandbox_cgroup_only` puts its VMM: the kubelet's pod limits then bound
+//! the whole VM, and containerd's PodSandboxStats, which reads the pod's
+//! cgroup on the host, reports what the pod's VM costs.
+//!
 //! The VMM joins its cgroup itself, between fork and exec, so it is in it
 //! before it runs a single instruction or starts virtiofsd.
 
@@ -33,8 +39,10 @@ pub struct VmCgroup {
 
 impl VmCgroup {
     /// Creates the cgroup for the VM directory named `name` under `root`
-    /// (a cgroup v2 mount); `None` when `root` is not cgroup v2.
-    pub fn create(root: &Path, name: &str) -> Result<Option<VmCgroup>> {
+    /// (a cgroup v2 mount): beneath `pod` (a pod's cgroup, relative to
+    /// `root`) when given, else in [`PARENT`]. `None` when `root` is not
+    /// cgroup v2.
+    pub fn create(root: &Path, name: &str, pod: Option<&Path>) -> Result<Option<VmCgroup>> {
         if !root.join("cgroup.controllers").exists() {
             log::warn!(
                 "{} is not a cgroup v2 hierarchy: hearth-vmm stays in the shim's cgroup, and its memory and CPU \
@@ -43,11 +51,19 @@ impl VmCgroup {
             );
             return Ok(None);
         }
-        let parent = root.join(PARENT);
+        let (parent, leaf) = match pod {
+            Some(p) => (root.join(p), format!("hearth-{name}")),
+            None => (root.join(PARENT), name.to_string()),
+        };
         std::fs::create_dir_all(&parent).with_context(|| format!("creating the cgroup {}", parent.display()))?;
-        enable_controllers(root);
-        enable_controllers(&parent);
-        let path = parent.join(name);
+        // Controllers are enabled level by level, from the root down.
+        let mut level = root.to_path_buf();
+        enable_controllers(&level);
+        for c in parent.strip_prefix(root).unwrap_or(Path::new("")).components() {
+            level.push(c);
+            enable_controllers(&level);
+        }
+        let path = parent.join(leaf);
         match std::fs::create_dir(&path) {
             Ok(()) => {}
             // Left by a VM of a shim with the same pid: its processes are
@@ -65,6 +81,14 @@ impl VmCgroup {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// A cgroup at `path`, which must lie beneath `root` (read back from a
+    /// VM directory's record of it, for the clean-up after a dead shim).
+    pub fn at(root: &Path, path: &Path) -> Option<VmCgroup> {
+        let rel = path.strip_prefix(root).ok()?;
+        let clean = rel.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+        (clean && rel.components().count() > 0).then(|| VmCgroup { path: path.to_path_buf() })
     }
 
     /// Opens `cgroup.procs` for writing: the child writes "0" to it (itself)
@@ -138,9 +162,18 @@ mod tests {
     fn a_v1_or_missing_hierarchy_gives_no_cgroup() {
         let dir = std::env::temp_dir().join(format!("hearth-cgroup-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        assert!(VmCgroup::create(&dir, "default-1").unwrap().is_none());
+        assert!(VmCgroup::create(&dir, "default-1", None).unwrap().is_none());
         assert!(!dir.join(PARENT).exists(), "nothing is made outside a cgroup v2 hierarchy");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_recorded_cgroup_must_lie_beneath_the_root() {
+        let root = Path::new(ROOT);
+        assert!(VmCgroup::at(root, Path::new("/sys/fs/cgroup/kubepods/pod1/hearth-k8s.io-7")).is_some());
+        assert!(VmCgroup::at(root, Path::new("/sys/fs/cgroup/../../etc")).is_none());
+        assert!(VmCgroup::at(root, Path::new("/etc")).is_none());
+        assert!(VmCgroup::at(root, root).is_none());
     }
 
     #[test]

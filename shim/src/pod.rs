@@ -29,6 +29,24 @@ pub fn sandbox_of(spec: &Spec) -> Option<String> {
         .filter(|id| !id.is_empty())
 }
 
+/// The pod's cgroup on the host, relative to the cgroup v2 root, from a
+/// sandbox's spec: containerd gives the sandbox `<cgroup_parent>/<id>` with
+/// cgroupfs paths. None for systemd's `slice:prefix:name` form, for a
+/// pod's container, and for a path that would leave the hierarchy.
+pub fn cgroup_parent(spec: &Spec) -> Option<std::path::PathBuf> {
+    let a = spec.annotations().as_ref()?;
+    if a.get(CONTAINER_TYPE).map(String::as_str) != Some("sandbox") {
+        return None;
+    }
+    let path = spec.linux().as_ref()?.cgroups_path().clone()?;
+    if !path.is_absolute() {
+        return None;
+    }
+    let parent = path.parent()?.strip_prefix("/").ok()?.to_path_buf();
+    let clean = parent.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+    (clean && parent.components().count() > 0).then_some(parent)
+}
+
 /// The namespaces the spec asks to join by path: those the pod shares.
 pub fn shared_namespaces(spec: &Spec) -> Vec<LinuxNamespaceType> {
     let nss = spec.linux().as_ref().and_then(|l| l.namespaces().as_ref());
@@ -139,6 +157,25 @@ mod tests {
         let plain: Spec =
             serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2", "root": {"path": "rootfs"}})).unwrap();
         assert_eq!(sandbox_of(&plain), None);
+    }
+
+    #[test]
+    fn a_sandboxs_cgroup_parent_is_its_cgroupfs_path_less_its_id() {
+        let with = |kind: &str, path: &str| -> Spec {
+            serde_json::from_value(serde_json::json!({
+                "ociVersion": "1.0.2",
+                "root": {"path": "rootfs"},
+                "annotations": {CONTAINER_TYPE: kind, SANDBOX_ID: "sb1"},
+                "linux": {"cgroupsPath": path}
+            }))
+            .unwrap()
+        };
+        let p = cgroup_parent(&with("sandbox", "/kubepods/besteffort/pod-u1/sb1"));
+        assert_eq!(p.as_deref(), Some(std::path::Path::new("kubepods/besteffort/pod-u1")));
+        assert_eq!(cgroup_parent(&with("container", "/kubepods/pod-u1/c1")), None);
+        assert_eq!(cgroup_parent(&with("sandbox", "kubepods-pod.slice:cri-containerd:sb1")), None);
+        assert_eq!(cgroup_parent(&with("sandbox", "/kubepods/../../x/sb1")), None);
+        assert_eq!(cgroup_parent(&with("sandbox", "/sb1")), None);
     }
 
     #[test]

@@ -256,8 +256,9 @@ impl Service {
             .ok_or_else(|| status(sttrpc::Code::UNAVAILABLE, "the utility VM is not running"))
     }
 
-    /// The running VM, booting it first if there is none.
-    fn ensure_vm(&self) -> TtrpcResult<Arc<Vm>> {
+    /// The running VM, booting it first if there is none; `pod_cgroup` is
+    /// the cgroup of the pod it is booted for, in per-pod mode.
+    fn ensure_vm(&self, pod_cgroup: Option<&Path>) -> TtrpcResult<Arc<Vm>> {
         let mut slot = self.0.vm.lock().unwrap();
         if let Some(vm) = slot.as_ref() {
             return Ok(vm.clone());
@@ -273,7 +274,7 @@ impl Service {
         let dir = cfg.state_dir.join(format!("{}-{}", self.0.namespace, std::process::id()));
         let me = self.clone();
         *self.0.dead_reason.lock().unwrap() = None;
-        let vm = Vm::boot(&cfg, &dir, move |code, console| me.vm_ended(code, console))
+        let vm = Vm::boot(&cfg, &dir, pod_cgroup, move |code, console| me.vm_ended(code, console))
             .map_err(|e| status(sttrpc::Code::UNAVAILABLE, format!("booting the utility VM: {e:#}")))?;
         let record = crate::record::VmRecord {
             namespace: self.0.namespace.clone(),
@@ -507,11 +508,16 @@ impl Service {
     }
 
     fn do_create(&self, req: &CreateTaskRequest) -> anyhow::Result<(u32, Container)> {
-        let vm = self.ensure_vm().map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let bundle = PathBuf::from(&req.bundle);
         let spec_json = std::fs::read(bundle.join("config.json"))
             .map_err(|e| anyhow::anyhow!("reading {}/config.json: {e}", bundle.display()))?;
         let mut spec = hearth_oci::parse_spec(&spec_json)?;
+        // A pod's own VM is accounted in the pod's cgroup (cgroup.rs).
+        let pod_cgroup = match self.cfg().mode {
+            crate::config::VmMode::PerPod => crate::pod::cgroup_parent(&spec),
+            crate::config::VmMode::Shared => None,
+        };
+        let vm = self.ensure_vm(pod_cgroup.as_deref()).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let hooks = crate::hooks::Hooks::from_spec(&spec)?;
         // A CRI pod's container joins its sandbox's namespaces in the VM.
         let pod = match crate::pod::sandbox_of(&spec) {

@@ -68,6 +68,9 @@ pub struct Vm {
     forwarder: Mutex<Option<crate::forward::Forwarder>>,
 }
 
+/// The file in a VM directory that names the VM's cgroup.
+const CGROUP_RECORD: &str = "cgroup";
+
 pub fn ctx(secs: i64) -> ttrpc::context::Context {
     ttrpc::context::with_timeout(secs * 1_000_000_000)
 }
@@ -76,7 +79,15 @@ impl Vm {
     /// Boots a VM in `dir` and waits for its agent. `on_exit` runs (on a
     /// thread of its own) when hearth-vmm ends, whatever the reason, with its
     /// exit code and the tail of the console.
-    pub fn boot(cfg: &Config, dir: &Path, on_exit: impl FnOnce(i32, String) + Send + 'static) -> Result<Vm> {
+    /// Boots a VM whose state lives in `dir`; `pod_cgroup`, for a VM of
+    /// one CRI pod, is the pod's cgroup, beneath which hearth-vmm's goes
+    /// (cgroup.rs).
+    pub fn boot(
+        cfg: &Config,
+        dir: &Path,
+        pod_cgroup: Option<&Path>,
+        on_exit: impl FnOnce(i32, String) + Send + 'static,
+    ) -> Result<Vm> {
         cfg.check()?;
         std::fs::create_dir_all(dir)?;
         // Undoes a failed boot: the VMM killed, the shares unmounted, the
@@ -160,10 +171,12 @@ impl Vm {
             cmd.env("HEARTH_VIRTIOFSD", v);
         }
         // Its own cgroup, joined before it runs (virtiofsd follows it).
-        match VmCgroup::create(Path::new(cgroup::ROOT), &name)
+        match VmCgroup::create(Path::new(cgroup::ROOT), &name, pod_cgroup)
             .and_then(|c| c.map(|c| c.procs().map(|fd| (c, fd))).transpose())
         {
             Ok(Some((c, procs))) => {
+                // Where it is, for the clean-up after a dead shim.
+                let _ = std::fs::write(dir.join(CGROUP_RECORD), c.path().as_os_str().as_encoded_bytes());
                 undo.cgroup = Some(c);
                 // SAFETY: join_in_child only makes a write(2).
                 unsafe { cmd.pre_exec(move || cgroup::join_in_child(&procs)) };
@@ -359,7 +372,16 @@ pub fn reap_orphans(state_dir: &Path) {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(vmm), nix::sys::signal::SIGKILL);
             }
         }
-        VmCgroup::of(Path::new(cgroup::ROOT), &name).kill_and_remove(Duration::from_secs(5));
+        let recorded = std::fs::read(dir.join(CGROUP_RECORD)).ok().and_then(|b| {
+            let p = std::path::PathBuf::from(String::from_utf8(b).ok()?);
+            // Only the VM's own: named after its directory.
+            let leaf = p.file_name()?.to_str()?;
+            (leaf == name || leaf == format!("hearth-{name}")).then_some(())?;
+            VmCgroup::at(Path::new(cgroup::ROOT), &p)
+        });
+        recorded
+            .unwrap_or_else(|| VmCgroup::of(Path::new(cgroup::ROOT), &name))
+            .kill_and_remove(Duration::from_secs(5));
         let mut mounts = mounts_beneath(&dir);
         mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
         for m in &mounts {
