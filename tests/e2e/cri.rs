@@ -50,16 +50,26 @@ fn run_to_end(
     (s.exit_code, out)
 }
 
-/// hearth-vmm processes of the VMs whose state lives under `dir`.
-fn vmms_under(dir: &std::path::Path) -> usize {
+/// The pids of the hearth-vmm processes of the VMs whose state lives
+/// under `dir`.
+fn vmm_pids_under(dir: &std::path::Path) -> Vec<u32> {
     let dir = dir.display().to_string();
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains("hearth-vmm") && c.contains(&dir) && !c.contains("containerd-shim"))
-        .count()
+        .filter_map(|e| {
+            Some((e.file_name().to_str()?.parse::<u32>().ok()?, std::fs::read(e.path().join("cmdline")).ok()?))
+        })
+        .filter(|(_, c)| {
+            let c = String::from_utf8_lossy(c).replace('\0', " ");
+            c.contains("hearth-vmm") && c.contains(&dir) && !c.contains("containerd-shim")
+        })
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+fn vmms_under(dir: &std::path::Path) -> usize {
+    vmm_pids_under(dir).len()
 }
 
 #[test]
@@ -121,6 +131,33 @@ fn a_pod_lives_through_the_kubelets_calls() {
     wait_until("the timed-out exec killed", Duration::from_secs(60), || {
         !c.exec_ok(&main, &["ps", "-o", "args"]).contains("sleep 60")
     });
+
+    // Exec and Attach: streams through containerd's streaming server, as
+    // kubectl reaches them (WebSocket, v4.channel.k8s.io).
+    let exec = |cmd: &[&str], stdin: bool| {
+        let req = api::ExecRequest {
+            container_id: main.clone(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            stdin,
+            stdout: true,
+            stderr: true,
+            tty: false,
+        };
+        c.ok("Exec", c.runtime().exec(req)).url
+    };
+    let s = cri::stream(&exec(&["sh", "-c", "echo out; echo err >&2; exit 3"], false), b"");
+    assert_eq!((s.stdout.as_slice(), s.stderr.as_slice()), (&b"out\n"[..], &b"err\n"[..]), "{s:?}");
+    assert!(s.status.contains("\"ExitCode\"") && s.status.contains("\"3\""), "exit code 3 not in the status: {s:?}");
+    let s = cri::stream(&exec(&["head", "-n", "1"], true), b"typed line\n");
+    assert_eq!(s.stdout, b"typed line\n", "{s:?}");
+    assert!(s.status.contains("Success"), "{s:?}");
+    let mut talker = Cri::container_config("talker", &["sh", "-c", "read line; echo got:$line"]);
+    talker.stdin = true;
+    let talker = c.run(&pod, &pod_config, talker);
+    let req = api::AttachRequest { container_id: talker.clone(), stdin: true, stdout: true, stderr: true, tty: false };
+    let s = cri::stream(&c.ok("Attach", c.runtime().attach(req)).url, b"over attach\n");
+    assert_eq!(s.stdout, b"got:over attach\n", "{s:?}");
+    assert_eq!(c.wait_exited(&talker).exit_code, 0);
 
     // The pod's containers share its network: main reaches the server at
     // 127.0.0.1, the host reaches it at the pod's address.
@@ -272,6 +309,16 @@ fn run_cases(c: &Cri, handler: &str, pod_name: &str, ns: api::NamespaceOption) -
         let (code, stdout) = run_to_end(c, &pod, &pod_config, config, case.cmd);
         out.push((case.name.to_string(), code, stdout));
     }
+    // ExecSync into a running container of the pod.
+    let mut sleeper = Cri::container_config("sleeper", &["sleep", "100000"]);
+    let sc = api::LinuxContainerSecurityContext { namespace_options: Some(ns.clone()), ..Default::default() };
+    sleeper.linux.as_mut().unwrap().security_context = Some(sc);
+    let id = c.run(&pod, &pod_config, sleeper);
+    let got = match c.exec_sync(&id, &["sh", "-c", "echo exec-ok; cat /proc/self/cmdline | tr '\\0' ' '"], 0) {
+        Ok(r) => (r.exit_code, String::from_utf8_lossy(&r.stdout).into_owned()),
+        Err(e) => (-1, format!("ExecSync failed: {}", e.message())),
+    };
+    out.push(("exec".to_string(), got.0, got.1));
     c.remove_pod(&pod);
     out
 }
@@ -335,16 +382,33 @@ fn images_pulled_from_a_registry_run_and_per_pod_vms_are_per_pod() {
     // image on the tuned kernel.
     let mut pods = Vec::new();
     for name in ["solo-a", "solo-b"] {
-        let pod_config = c.pod_config(name, cri::default_namespaces());
+        let mut pod_config = c.pod_config(name, cri::default_namespaces());
+        // The pod's cgroup, as the kubelet's cgroupfs driver names it.
+        pod_config.linux.as_mut().unwrap().cgroup_parent = format!("/hearth-e2e/pod-{name}");
         let pod = c.run_pod(&pod_config, HEARTH_PER_POD);
         let mut config = Cri::container_config("uname", &[]);
         config.image = Some(spec.clone());
         let (code, out) = run_to_end(&c, &pod, &pod_config, config, "uname -r");
         assert_eq!((code, out.trim()), (0, env.kernel_release.as_str()));
+        // PodSandboxStats: containerd reads the pod's cgroup on the host,
+        // where the pod's VM is accounted.
+        let stats = c.ok(
+            "PodSandboxStats",
+            c.runtime().pod_sandbox_stats(api::PodSandboxStatsRequest { pod_sandbox_id: pod.clone() }),
+        );
+        let linux = stats.stats.and_then(|s| s.linux).expect("the pod's Linux stats");
+        let cpu = linux.cpu.and_then(|c| c.usage_core_nano_seconds).map(|v| v.value).unwrap_or(0);
+        let mem = linux.memory.and_then(|m| m.working_set_bytes).map(|v| v.value).unwrap_or(0);
+        assert!(cpu > 0 && mem > 16 << 20, "the pod's VM is not in its stats: cpu {cpu} ns, working set {mem} B");
         pods.push(pod);
     }
     let per_pod = c.vms.join("per-pod");
-    assert_eq!(vmms_under(&per_pod), 2, "two pods on {HEARTH_PER_POD} should have two VMs");
+    let vmms = vmm_pids_under(&per_pod);
+    assert_eq!(vmms.len(), 2, "two pods on {HEARTH_PER_POD} should have two VMs");
+    for pid in vmms {
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        assert!(cgroup.contains("::/hearth-e2e/pod-solo-"), "hearth-vmm {pid} is not in its pod's cgroup: {cgroup}");
+    }
     // Pods on the shared handler: one VM between them.
     let mut shared = Vec::new();
     for name in ["mate-a", "mate-b"] {

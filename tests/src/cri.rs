@@ -219,7 +219,7 @@ impl Cri {
     ) -> Result<T, tonic::Status> {
         match self.rt.block_on(async { tokio::time::timeout(CALL_GUARD, f).await }) {
             Ok(r) => r.map(tonic::Response::into_inner),
-            Err(_) => panic!("{what} hung ({CALL_GUARD:?})\n--- containerd ---\n{}", tail(&self.log_text(), 60)),
+            Err(_) => panic!("{what} hung ({CALL_GUARD:?})\n{}", self.diagnostics()),
         }
     }
 
@@ -229,9 +229,7 @@ impl Cri {
         what: &str,
         f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> T {
-        self.call(what, f).unwrap_or_else(|e| {
-            panic!("{what}: {} {}\n--- containerd ---\n{}", e.code(), e.message(), tail(&self.log_text(), 60))
-        })
+        self.call(what, f).unwrap_or_else(|e| panic!("{what}: {} {}\n{}", e.code(), e.message(), self.diagnostics()))
     }
 
     /// A pod's configuration, as the kubelet writes one: its own log
@@ -334,7 +332,9 @@ impl Cri {
 
     /// ExecSync that must succeed with exit code 0; its stdout.
     pub fn exec_ok(&self, id: &str, cmd: &[&str]) -> String {
-        let r = self.exec_sync(id, cmd, 0).unwrap_or_else(|e| panic!("ExecSync {cmd:?} in {id}: {e}"));
+        let r = self
+            .exec_sync(id, cmd, 0)
+            .unwrap_or_else(|e| panic!("ExecSync {cmd:?} in {id}: {e}\n{}", self.diagnostics()));
         assert_eq!(
             r.exit_code,
             0,
@@ -390,6 +390,36 @@ impl Cri {
         panic!("the log {} never had what was expected: {lines:?}", path.display());
     }
 
+    /// containerd's log (the shims' lines included) and the VMs' consoles,
+    /// the ends of each, for a failure's message.
+    pub fn diagnostics(&self) -> String {
+        let mut out = format!("--- containerd ---\n{}", tail(&self.log_text(), 80));
+        // Where each hearth shim's threads wait, for a hang.
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            if !comm.starts_with("containerd-shim") {
+                continue;
+            }
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if !String::from_utf8_lossy(&cmdline).contains("hearth") {
+                continue;
+            }
+            out.push_str(&format!("\n--- shim {} threads ---\n", e.file_name().to_string_lossy()));
+            for t in std::fs::read_dir(e.path().join("task")).into_iter().flatten().flatten() {
+                let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                let stack = std::fs::read_to_string(t.path().join("stack")).unwrap_or_default();
+                let first: Vec<&str> = stack.lines().take(6).collect();
+                out.push_str(&format!("{} {}: {}\n", t.file_name().to_string_lossy(), name.trim(), first.join(" < ")));
+            }
+        }
+        let consoles = walk(&self.vms, 4).into_iter().filter(|p| p.ends_with("console.log"));
+        for c in consoles {
+            let text = std::fs::read_to_string(&c).unwrap_or_default();
+            out.push_str(&format!("\n--- {} ---\n{}", c.display(), tail(&text, 60)));
+        }
+        out
+    }
+
     /// What the host still has of containerd's tasks and hearth's VMs:
     /// mount points beneath either, for the cleanup checks.
     pub fn leftover_mounts(&self) -> Vec<String> {
@@ -401,6 +431,70 @@ impl Cri {
             .filter(|m| m.starts_with(&*self.vms.to_string_lossy()) || m.starts_with(&*state.to_string_lossy()))
             .collect()
     }
+}
+
+/// What a CRI stream (Exec, Attach) carried from the container, and the
+/// status the server sent at its end (JSON, on the error channel).
+#[derive(Debug, Default)]
+pub struct Streamed {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: String,
+}
+
+/// Opens `url`, as an Exec or Attach call returned it, with the
+/// `v4.channel.k8s.io` WebSocket protocol that kubectl speaks through the
+/// API server: writes `stdin` on channel 0, then reads stdout (1), stderr
+/// (2) and the status (3) until the server closes the stream. v4 cannot
+/// close stdin on its own, so a command that reads it must stop by itself.
+pub fn stream(url: &str, stdin: &[u8]) -> Streamed {
+    use tungstenite::client::IntoClientRequest;
+    use tungstenite::Message;
+    // containerd hands out an http:// URL; the same URL upgraded is ws://.
+    let url = &url.replacen("http://", "ws://", 1);
+    let mut req = url.as_str().into_client_request().unwrap_or_else(|e| panic!("the stream URL {url:?}: {e}"));
+    req.headers_mut().insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse().unwrap());
+    let uri = req.uri().clone();
+    let addr = format!("{}:{}", uri.host().unwrap_or("127.0.0.1"), uri.port_u16().unwrap_or(80));
+    let tcp = std::net::TcpStream::connect(&addr).unwrap_or_else(|e| panic!("connecting to the stream at {addr}: {e}"));
+    tcp.set_read_timeout(Some(CALL_GUARD)).unwrap();
+    let (mut ws, _) = tungstenite::client(req, tcp).unwrap_or_else(|e| panic!("the WebSocket handshake at {url}: {e}"));
+    if !stdin.is_empty() {
+        let mut m = vec![0u8];
+        m.extend_from_slice(stdin);
+        ws.send(Message::Binary(m.into())).unwrap();
+    }
+    let mut out = Streamed::default();
+    loop {
+        match ws.read() {
+            Ok(Message::Binary(data)) if data.len() > 1 => match data[0] {
+                1 => out.stdout.extend_from_slice(&data[1..]),
+                2 => out.stderr.extend_from_slice(&data[1..]),
+                3 => out.status.push_str(&String::from_utf8_lossy(&data[1..])),
+                _ => {}
+            },
+            Ok(Message::Close(_)) => break,
+            Ok(_) => {}
+            Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => break,
+            Err(tungstenite::Error::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake)) => break,
+            Err(e) => panic!("reading the stream {url}: {e} (so far {out:?})"),
+        }
+    }
+    out
+}
+
+/// The files beneath `dir`, `depth` levels down at most.
+fn walk(dir: &Path, depth: usize) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() && depth > 0 {
+            out.extend(walk(&p, depth - 1));
+        } else if p.is_file() {
+            out.push(p);
+        }
+    }
+    out
 }
 
 async fn connect(socket: &Path) -> Result<Channel, tonic::transport::Error> {
