@@ -301,9 +301,8 @@ fn run_cases(c: &Cri, handler: &str, pod_name: &str, ns: api::NamespaceOption) -
     let mut out = Vec::new();
     for case in cases() {
         let mut config = Cri::container_config(case.name, &[]);
-        let mut sc = api::LinuxContainerSecurityContext::default();
         // The kubelet gives each container its pod's namespace modes.
-        sc.namespace_options = Some(ns.clone());
+        let mut sc = api::LinuxContainerSecurityContext { namespace_options: Some(ns.clone()), ..Default::default() };
         (case.set)(&mut sc);
         config.linux.as_mut().unwrap().security_context = Some(sc);
         let (code, stdout) = run_to_end(c, &pod, &pod_config, config, case.cmd);
