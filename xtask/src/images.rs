@@ -128,49 +128,50 @@ pub fn ensure_busybox(guest_tool: &Path) -> Result<PathBuf> {
         std::fs::read(crate::testhost::BUSYBOX).context("busybox-static is not installed: run `cargo xtask setup`")?;
     let tool = std::fs::read(guest_tool)?;
     let key = sh::key(&[b"busybox-image-v2", &busybox, &tool]);
-    let out = paths::cache().join("images").join(key).join("busybox-oci.tar");
-    if out.exists() {
-        return Ok(out);
-    }
-    let _lock = lock(out.parent().unwrap(), BUSYBOX_IMAGE)?;
-    if out.exists() {
-        return Ok(out);
-    }
-    let work = out.with_file_name("work");
-    let _ = std::fs::remove_dir_all(&work);
-    let rootfs = work.join("rootfs");
-    hearth_e2e::agent::busybox_rootfs(&rootfs, guest_tool)?;
-    // The layer: a reproducible tar (fixed owner and times).
-    let layer_tar = work.join("layer.tar");
-    reproducible_tar(&rootfs, &layer_tar)?;
-    write_archive(&work, &layer_tar, BUSYBOX_IMAGE, &["sh"], &out)?;
-    let _ = std::fs::remove_dir_all(&work);
-    eprintln!("==> image {BUSYBOX_IMAGE}: {} ({} KiB)", out.display(), std::fs::metadata(&out)?.len() / 1024);
-    Ok(out)
+    ensure_one_layer(&key, "busybox-oci.tar", BUSYBOX_IMAGE, &["sh"], |rootfs| {
+        hearth_e2e::agent::busybox_rootfs(rootfs, guest_tool)
+    })
 }
 
 /// The pause image archive, cached by its inputs.
 pub fn ensure_pause(guest_tool: &Path) -> Result<PathBuf> {
     let tool = std::fs::read(guest_tool)?;
     let key = sh::key(&[b"pause-image-v1", &tool]);
-    let out = paths::cache().join("images").join(key).join("pause-oci.tar");
+    ensure_one_layer(&key, "pause-oci.tar", PAUSE_IMAGE, &["/pause"], |rootfs| {
+        std::fs::create_dir_all(rootfs)?;
+        std::fs::copy(guest_tool, rootfs.join("pause")).context("copying hearth-guest-tool as /pause")?;
+        Ok(())
+    })
+}
+
+/// An image archive of one layer, `<cache>/images/<key>/<file>`, tagged
+/// `reference` and running `cmd`, whose root `fill` makes; built once
+/// (under a lock, for concurrent callers) and cached by `key`.
+fn ensure_one_layer(
+    key: &str,
+    file: &str,
+    reference: &str,
+    cmd: &[&str],
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    let out = paths::cache().join("images").join(key).join(file);
     if out.exists() {
         return Ok(out);
     }
-    let _lock = lock(out.parent().unwrap(), PAUSE_IMAGE)?;
+    let _lock = lock(out.parent().unwrap(), reference)?;
     if out.exists() {
         return Ok(out);
     }
     let work = out.with_file_name("work");
     let _ = std::fs::remove_dir_all(&work);
     let rootfs = work.join("rootfs");
-    std::fs::create_dir_all(&rootfs)?;
-    std::fs::copy(guest_tool, rootfs.join("pause")).context("copying hearth-guest-tool as /pause")?;
+    fill(&rootfs)?;
+    // The layer: a reproducible tar (fixed owner and times).
     let layer_tar = work.join("layer.tar");
     reproducible_tar(&rootfs, &layer_tar)?;
-    write_archive(&work, &layer_tar, PAUSE_IMAGE, &["/pause"], &out)?;
+    write_archive(&work, &layer_tar, reference, cmd, &out)?;
     let _ = std::fs::remove_dir_all(&work);
-    eprintln!("==> image {PAUSE_IMAGE}: {} ({} KiB)", out.display(), std::fs::metadata(&out)?.len() / 1024);
+    eprintln!("==> image {reference}: {} ({} KiB)", out.display(), std::fs::metadata(&out)?.len() / 1024);
     Ok(out)
 }
 
