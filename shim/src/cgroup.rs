@@ -87,8 +87,7 @@ impl VmCgroup {
     /// VM directory's record of it, for the clean-up after a dead shim).
     pub fn at(root: &Path, path: &Path) -> Option<VmCgroup> {
         let rel = path.strip_prefix(root).ok()?;
-        let clean = rel.components().all(|c| matches!(c, std::path::Component::Normal(_)));
-        (clean && rel.components().count() > 0).then(|| VmCgroup { path: path.to_path_buf() })
+        is_beneath(rel).then(|| VmCgroup { path: path.to_path_buf() })
     }
 
     /// Opens `cgroup.procs` for writing: the child writes "0" to it (itself)
@@ -127,6 +126,13 @@ impl VmCgroup {
             }
         }
     }
+}
+
+/// Whether relative path `rel` names a cgroup strictly beneath the one it
+/// is taken from: at least one component, and only plain names (no `..`,
+/// `.` or root that would leave it).
+pub fn is_beneath(rel: &Path) -> bool {
+    rel.components().count() > 0 && rel.components().all(|c| matches!(c, std::path::Component::Normal(_)))
 }
 
 /// Moves the calling process into the cgroup whose `cgroup.procs` is `fd`.

@@ -43,8 +43,7 @@ pub fn cgroup_parent(spec: &Spec) -> Option<std::path::PathBuf> {
         return None;
     }
     let parent = path.parent()?.strip_prefix("/").ok()?.to_path_buf();
-    let clean = parent.components().all(|c| matches!(c, std::path::Component::Normal(_)));
-    (clean && parent.components().count() > 0).then_some(parent)
+    crate::cgroup::is_beneath(&parent).then_some(parent)
 }
 
 /// The namespaces the spec asks to join by path: those the pod shares.
