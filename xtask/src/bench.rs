@@ -116,6 +116,19 @@ fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
 }
 
 /// The median of timings (floats have no total order; NaN never occurs here).
+/// Prints `title`, each row's hearth and runc milliseconds, then each
+/// row's ratio hearth/runc on a line of its own (the lines that compare).
+pub fn print_against_runc(title: &str, rows: &[(&str, f64, f64)]) {
+    println!("{title}");
+    let width = rows.iter().map(|(what, _, _)| what.len()).max().unwrap_or(0);
+    for (what, h, r) in rows {
+        println!("  {what:<width$} hearth {h:.0} ms, runc (reference) {r:.0} ms");
+    }
+    for (what, h, r) in rows {
+        println!("ratio {what} hearth/runc {:.2}", h / r);
+    }
+}
+
 pub fn median_f64(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]

@@ -81,12 +81,7 @@ pub fn run() -> Result<()> {
         ("ExecSync sh -c true", col(0, |s| s.1), col(1, |s| s.1)),
         ("pod stop+remove", col(0, |s| s.2), col(1, |s| s.2)),
     ];
-    println!("CRI on containerd 1.7, hearth's VM running, median of {RUNS} pods ({EXECS} execs each):");
-    for (what, h, r) in &rows {
-        println!("  {what:<20} hearth {h:.0} ms, runc (reference) {r:.0} ms");
-    }
-    for (what, h, r) in &rows {
-        println!("ratio {what} hearth/runc {:.2}", h / r);
-    }
+    let title = format!("CRI on containerd 1.7, hearth's VM running, median of {RUNS} pods ({EXECS} execs each):");
+    crate::bench::print_against_runc(&title, &rows);
     Ok(())
 }

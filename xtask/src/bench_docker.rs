@@ -45,12 +45,7 @@ pub fn run() -> Result<()> {
         rows.push((what, median_f64(hearth), median_f64(runc)));
     }
     d.ok(&["rm", "-f", "keeper"]);
-    println!("docker run --rm {IMAGE} true (hearth's VM running), median of {RUNS}:");
-    for (what, h, r) in &rows {
-        println!("  {what:<16} hearth {h:.0} ms, runc (reference) {r:.0} ms");
-    }
-    for (what, h, r) in &rows {
-        println!("ratio {what} hearth/runc {:.2}", h / r);
-    }
+    let title = format!("docker run --rm {IMAGE} true (hearth's VM running), median of {RUNS}:");
+    crate::bench::print_against_runc(&title, &rows);
     Ok(())
 }
