@@ -68,6 +68,16 @@ pub struct Config {
     /// namespace (CNI, Docker): the most such containers one VM runs at
     /// once, each of their interfaces taking one (docs/networking.md).
     pub container_nics: u8,
+    /// What hearth-vmm and its virtiofsd may use above the guest's RAM:
+    /// the VM's cgroup gets `memory.max` = `memory_mib` + this, so a VMM
+    /// that grows without bound is killed, alone, before the host suffers.
+    pub vmm_memory_overhead_mib: u32,
+    /// `pids.max` of the VM's cgroup: hearth-vmm's threads and virtiofsd's.
+    pub vmm_pids_max: u32,
+    /// The unprivileged user and group hearth-vmm becomes once jailed
+    /// (docs/security.md); 0 keeps root's uid, without capabilities.
+    pub vmm_uid: u32,
+    pub vmm_gid: u32,
 }
 
 impl Default for Config {
@@ -93,6 +103,12 @@ impl Default for Config {
             network_bridge: "hearth0".into(),
             localhost_forwarding: true,
             container_nics: 4,
+            vmm_memory_overhead_mib: 256,
+            vmm_pids_max: 512,
+            // nobody and nogroup: no file on the host is theirs to write,
+            // and the VMM reaches no file by path outside its jail anyway.
+            vmm_uid: 65534,
+            vmm_gid: 65534,
         }
     }
 }
@@ -151,6 +167,19 @@ impl Config {
             crate::network::Subnet::parse(&self.network_subnet)?;
             hearth_vmm::devices::virtio::tap::check_name(&self.network_bridge)
                 .map_err(|e| anyhow::anyhow!("network_bridge: {e}"))?;
+        }
+        if (self.vmm_uid == 0) != (self.vmm_gid == 0) {
+            anyhow::bail!(
+                "vmm_uid ({}) and vmm_gid ({}) must both be 0 (hearth-vmm keeps root's ids) or both not",
+                self.vmm_uid,
+                self.vmm_gid
+            );
+        }
+        if self.vmm_pids_max < 64 {
+            anyhow::bail!(
+                "vmm_pids_max must be at least 64 (have {}): hearth-vmm runs a thread per vCPU and device, virtiofsd a few per share",
+                self.vmm_pids_max
+            );
         }
         if self.memory_mib < 128 || self.vcpus == 0 {
             anyhow::bail!(

@@ -5,6 +5,7 @@
 //! - [`shim`]: the binary's commands (start with grouping, delete, serve);
 //! - [`task`]: the Task service: containers, processes, events, idle shutdown;
 //! - [`vm`]: booting hearth-vmm, VM exit, clean-up after dead shims;
+//! - [`cgroup`]: each VM's cgroup, its accounting and limits;
 //! - [`share`]: the virtio-fs shares' host side, which the guest cannot
 //!   redirect (a host-only tree, a read-only export);
 //! - [`metrics`]: the agent's cgroup statistics as containerd's metrics;

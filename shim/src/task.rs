@@ -274,7 +274,7 @@ impl Service {
         let dir = cfg.state_dir.join(format!("{}-{}", self.0.namespace, std::process::id()));
         let me = self.clone();
         *self.0.dead_reason.lock().unwrap() = None;
-        let vm = Vm::boot(&cfg, &dir, pod_cgroup, move |code, console| me.vm_ended(code, console))
+        let vm = Vm::boot(&cfg, &dir, pod_cgroup, move |code, killed, console| me.vm_ended(code, killed, console))
             .map_err(|e| status(sttrpc::Code::UNAVAILABLE, format!("booting the utility VM: {e:#}")))?;
         let record = crate::record::VmRecord {
             namespace: self.0.namespace.clone(),
@@ -304,7 +304,7 @@ impl Service {
 
     /// hearth-vmm ended. Unless the shim powered it off, every process still
     /// running in it has exited: say so, with the reason in the log.
-    fn vm_ended(&self, code: i32, console: String) {
+    fn vm_ended(&self, code: i32, killed: Option<String>, console: String) {
         let vm = self.0.vm.lock().unwrap().take();
         if let Some(vm) = &vm {
             vm.cleanup();
@@ -312,7 +312,7 @@ impl Service {
         if *self.0.stopping.lock().unwrap() {
             return;
         }
-        let reason = self.0.dead_reason.lock().unwrap().take().unwrap_or_else(|| {
+        let reason = self.0.dead_reason.lock().unwrap().take().or(killed).unwrap_or_else(|| {
             match code {
                 3 => "the guest kernel panicked",
                 4 => "the guest crashed",

@@ -76,17 +76,16 @@ pub fn ctx(secs: i64) -> ttrpc::context::Context {
 }
 
 impl Vm {
-    /// Boots a VM in `dir` and waits for its agent. `on_exit` runs (on a
-    /// thread of its own) when hearth-vmm ends, whatever the reason, with its
-    /// exit code and the tail of the console.
-    /// Boots a VM whose state lives in `dir`; `pod_cgroup`, for a VM of
-    /// one CRI pod, is the pod's cgroup, beneath which hearth-vmm's goes
-    /// (cgroup.rs).
+    /// Boots a VM whose state lives in `dir` and waits for its agent.
+    /// `pod_cgroup`, for a VM of one CRI pod, is the pod's cgroup, beneath
+    /// which hearth-vmm's goes (cgroup.rs). `on_exit` runs (on a thread of
+    /// its own) when hearth-vmm ends, whatever the reason, with its exit
+    /// code, why the host killed it if it did, and the tail of the console.
     pub fn boot(
         cfg: &Config,
         dir: &Path,
         pod_cgroup: Option<&Path>,
-        on_exit: impl FnOnce(i32, String) + Send + 'static,
+        on_exit: impl FnOnce(i32, Option<String>, String) + Send + 'static,
     ) -> Result<Vm> {
         cfg.check()?;
         std::fs::create_dir_all(dir)?;
@@ -122,6 +121,12 @@ impl Vm {
         // (and the `_<port>` sockets beside it) and the console log.
         let jail = dir.join(JAIL);
         std::fs::DirBuilder::new().mode(0o700).create(&jail).with_context(|| format!("creating {}", jail.display()))?;
+        // hearth-vmm's own once it drops root (it rotates its console log
+        // there); 0700 keeps everyone else out of it.
+        if cfg.vmm_uid != 0 {
+            std::os::unix::fs::chown(&jail, Some(cfg.vmm_uid), Some(cfg.vmm_gid))
+                .with_context(|| format!("giving {} to hearth-vmm's user {}", jail.display(), cfg.vmm_uid))?;
+        }
         let vsock = jail.join("vsock.sock");
         let console = jail.join("console.log");
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
@@ -163,6 +168,12 @@ impl Vm {
             .arg((u8::from(network.lock().unwrap().is_some()) + cfg.container_nics).to_string())
             .arg("--jail")
             .arg(&jail)
+            .args(
+                (cfg.vmm_uid != 0)
+                    .then(|| ["--uid".to_string(), cfg.vmm_uid.to_string(), "--gid".into(), cfg.vmm_gid.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(["--cmdline", cmdline.trim()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -177,7 +188,9 @@ impl Vm {
             Ok(Some((c, procs))) => {
                 // Where it is, for the clean-up after a dead shim.
                 let _ = std::fs::write(dir.join(CGROUP_RECORD), c.path().as_os_str().as_encoded_bytes());
-                undo.cgroup = Some(c);
+                undo.cgroup = Some(c.clone());
+                let memory_max = (u64::from(cfg.memory_mib) + u64::from(cfg.vmm_memory_overhead_mib)) << 20;
+                c.limit(memory_max, cfg.vmm_pids_max.into()).context("limiting the VM's cgroup")?;
                 // SAFETY: join_in_child only makes a write(2).
                 unsafe { cmd.pre_exec(move || cgroup::join_in_child(&procs)) };
             }
@@ -196,14 +209,25 @@ impl Vm {
         let network_for_exit = network.clone();
         std::thread::spawn(move || {
             let code = wait_pid(pid, sub);
-            // What is left in the VM's cgroup (virtiofsd, dying with it) goes too.
+            // What is left in the VM's cgroup (virtiofsd, dying with it) goes
+            // too, once it is known whether its memory limit ended the VM.
+            let mut killed = None;
             if let Some(c) = cgroup_for_exit {
+                let (oom_kills, max) = c.oom_kills();
+                if oom_kills > 0 {
+                    killed = Some(format!(
+                        "the host's OOM killer ended hearth-vmm: the VM's cgroup {} reached its memory.max ({max} \
+                         bytes: memory_mib + vmm_memory_overhead_mib in the shim's config; raise the overhead if \
+                         the VMM needs more than its guest's RAM)",
+                        c.path().display()
+                    ));
+                }
                 c.kill_and_remove(Duration::from_secs(5));
             }
             // Its tap went with it; its address, and with the last VM the
             // bridge and the NAT rules, go now.
             drop(network_for_exit.lock().unwrap_or_else(|p| p.into_inner()).take());
-            on_exit(code, tail(&console_for_exit, 30));
+            on_exit(code, killed, tail(&console_for_exit, 30));
         });
         tracing_log(&format!("booting the utility VM (hearth-vmm pid {pid}) in {}", dir.display()));
         let addr = AgentAddress::HybridVsock { socket: vsock.clone(), port: AGENT_PORT };
@@ -304,27 +328,50 @@ impl Vm {
     }
 }
 
-/// Spawns `cmd` so that it is killed when the shim dies, however it dies:
-/// a shim killed with SIGKILL runs no clean-up, and a VMM left behind would
-/// keep the VM, its virtiofsd and the shares' mounts alive with no one to
-/// answer for them. PR_SET_PDEATHSIG fires when the *thread* that forked the
-/// child ends, and the shim's ttrpc threads come and go (a containerd
-/// restart replaces them), so every VMM is spawned by one thread that lives
-/// as long as the shim. (virtiofsd is bound to hearth-vmm the same way.)
+/// Spawns `cmd` so that it is killed when the shim dies, however it dies,
+/// as the first process of a pid namespace of its own.
+///
+/// Killed with the shim: a shim killed with SIGKILL runs no clean-up, and a
+/// VMM left behind would keep the VM, its virtiofsd and the shares' mounts
+/// alive with no one to answer for them. PR_SET_PDEATHSIG fires when the
+/// *thread* that forked the child ends, and the shim's ttrpc threads come
+/// and go (a containerd restart replaces them), so every VMM is spawned by
+/// one thread that lives as long as the shim. (virtiofsd is bound to
+/// hearth-vmm the same way.)
+///
+/// Its own pid namespace (Firecracker's jailer gives the VMM one): a VMM
+/// taken over by the guest sees no host process to signal or ptrace, only
+/// itself and its virtiofsd; and when it ends, for any reason, the kernel
+/// kills everything left in that namespace. The spawner thread unshares a
+/// new pid namespace for its children before each spawn and returns to the
+/// shim's after it: a namespace lives only as long as its first process, so
+/// each VMM needs a fresh one.
 fn spawn_bound_to_shim(mut cmd: Command) -> std::io::Result<std::process::Child> {
+    use std::os::fd::{AsRawFd, FromRawFd};
     use std::sync::mpsc;
     type Request = (Command, mpsc::Sender<std::io::Result<std::process::Child>>);
     static SPAWNER: std::sync::OnceLock<std::sync::Mutex<mpsc::Sender<Request>>> = std::sync::OnceLock::new();
-    let shim = std::process::id() as i32;
-    // SAFETY: prctl and getppid are async-signal-safe and touch no memory
-    // of ours.
+    // In its own pid namespace the child's getppid() is 0, so whether the
+    // shim still runs is asked of a pidfd of the shim instead: it polls
+    // readable once the shim has exited.
+    // SAFETY: pidfd_open of our own pid takes plain values.
+    let shim = unsafe { libc::syscall(libc::SYS_pidfd_open, std::process::id() as libc::pid_t, 0) };
+    if shim < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_open returned a descriptor that nothing else owns.
+    let shim = unsafe { std::os::fd::OwnedFd::from_raw_fd(shim as i32) };
+    let shim_fd = shim.as_raw_fd();
+    // SAFETY: prctl and poll are async-signal-safe and touch no memory of
+    // ours beyond the pollfd on this stack.
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             // The shim died before the prctl: no signal will come.
-            if libc::getppid() != shim {
+            let mut p = libc::pollfd { fd: shim_fd, events: libc::POLLIN, revents: 0 };
+            if libc::poll(&mut p, 1, 0) != 0 {
                 return Err(std::io::Error::other("the shim exited while starting hearth-vmm"));
             }
             Ok(())
@@ -335,8 +382,10 @@ fn spawn_bound_to_shim(mut cmd: Command) -> std::io::Result<std::process::Child>
         std::thread::Builder::new()
             .name("vmm-spawner".into())
             .spawn(move || {
+                // The shim's own pid namespace, to return to after each spawn.
+                let own = std::fs::File::open("/proc/thread-self/ns/pid");
                 for (mut cmd, reply) in rx {
-                    let _ = reply.send(cmd.spawn());
+                    let _ = reply.send(spawn_in_new_pid_namespace(&own, &mut cmd));
                 }
             })
             .expect("starting the shim's VMM spawner thread");
@@ -344,7 +393,37 @@ fn spawn_bound_to_shim(mut cmd: Command) -> std::io::Result<std::process::Child>
     });
     let (tx, rx) = mpsc::channel();
     spawner.lock().unwrap().send((cmd, tx)).map_err(|_| std::io::Error::other("the VMM spawner thread ended"))?;
-    rx.recv().map_err(|_| std::io::Error::other("the VMM spawner thread ended"))?
+    let child = rx.recv().map_err(|_| std::io::Error::other("the VMM spawner thread ended"))?;
+    drop(shim);
+    child
+}
+
+/// On the spawner thread: spawns `cmd` as pid 1 of a new pid namespace,
+/// then sets the thread's children back to `own`, the shim's namespace.
+fn spawn_in_new_pid_namespace(
+    own: &std::io::Result<std::fs::File>,
+    cmd: &mut Command,
+) -> std::io::Result<std::process::Child> {
+    use std::os::fd::AsRawFd;
+    let own = own.as_ref().map_err(|e| std::io::Error::new(e.kind(), format!("opening the shim's pid namespace: {e}")))?;
+    let pid_namespace_error = |what: &str| {
+        let e = std::io::Error::last_os_error();
+        std::io::Error::new(e.kind(), format!("{what} for hearth-vmm: {e} (the shim must run as root)"))
+    };
+    // SAFETY: unshare and setns take plain values; they change only which
+    // pid namespace this thread's next children start in.
+    if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+        return Err(pid_namespace_error("creating a pid namespace"));
+    }
+    let child = cmd.spawn();
+    // SAFETY: as above; `own` is an open namespace descriptor.
+    if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
+        // Every later VMM would start in this (soon dead) namespace.
+        let e = pid_namespace_error("returning to the shim's pid namespace");
+        log::error!("{e}");
+        return child.and(Err(e));
+    }
+    child
 }
 
 /// Cleans up after shims that died without cleaning up (killed, crashed):
@@ -434,8 +513,31 @@ fn unescape_mountinfo(s: &str) -> String {
 }
 
 /// The last `n` lines of a file.
+///
+/// The console log is in hearth-vmm's jail, a directory the VMM may write:
+/// a VMM taken over by the guest could put a symbolic link there (to
+/// /etc/shadow, say) for the shim to read and log. So it is opened without
+/// following one, must be a regular file, and only its last 64 KiB are read.
 pub fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
+    const MAX: u64 = 64 << 10;
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    else {
+        return String::new();
+    };
+    match f.metadata() {
+        Ok(m) if m.is_file() => {
+            let _ = f.seek(SeekFrom::Start(m.len().saturating_sub(MAX)));
+        }
+        _ => return format!("({} is not a regular file: not read)", path.display()),
+    }
+    let mut bytes = Vec::new();
+    let _ = f.take(MAX).read_to_end(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
@@ -447,6 +549,23 @@ fn tracing_log(msg: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_console_tail_follows_no_symlink_and_reads_the_end() {
+        let dir = std::env::temp_dir().join(format!("hearth-tail-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "host-secret\n").unwrap();
+        let log = dir.join("console.log");
+        std::os::unix::fs::symlink(&secret, &log).unwrap();
+        assert!(!tail(&log, 30).contains("host-secret"), "{}", tail(&log, 30));
+        std::fs::remove_file(&log).unwrap();
+        let text: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&log, text).unwrap();
+        assert_eq!(tail(&log, 2), "line 19998\nline 19999");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn mountinfo_escapes_are_undone() {

@@ -505,6 +505,8 @@ fn block_disks_attach_and_detach_while_the_vm_runs_through_the_control_socket() 
     // itself, so the images travel as descriptors.
     let jail = scratch.path("jail");
     std::fs::create_dir_all(&jail).unwrap();
+    // The VMM becomes nobody in it, as the shim runs it.
+    std::os::unix::fs::chown(&jail, Some(65534), Some(65534)).unwrap();
     let api_path = jail.join("api.sock");
 
     let script = r#"
@@ -579,6 +581,10 @@ echo "HEARTH-BOTH-EMPTY: $(cat /sys/block/vdb/size) $(cat /sys/block/vdc/size)"
         api_path.display().to_string(),
         "--jail".into(),
         jail.display().to_string(),
+        "--uid".into(),
+        "65534".into(),
+        "--gid".into(),
+        "65534".into(),
     ];
     let client = Client::new(&api_path);
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -709,6 +715,8 @@ fn net_nics_attach_and_detach_while_the_vm_runs_through_the_control_socket() {
     let _tap = hearth_e2e::TapDevice::new("hearthe2e1", "172.31.1.1/24");
     let jail = scratch.path("jail");
     std::fs::create_dir_all(&jail).unwrap();
+    // The VMM becomes nobody in it, as the shim runs it.
+    std::os::unix::fs::chown(&jail, Some(65534), Some(65534)).unwrap();
     let api_path = jail.join("api.sock");
     let to_guest = pseudo_random(BYTES, 21);
     let to_guest_sum = sha256(&to_guest);
@@ -772,6 +780,10 @@ echo "HEARTH-FINAL-STATE: $(state eth0) $(state eth1)"
         api_path.display().to_string(),
         "--jail".into(),
         jail.display().to_string(),
+        "--uid".into(),
+        "65534".into(),
+        "--gid".into(),
+        "65534".into(),
     ];
     let client = Client::new(&api_path);
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));

@@ -137,6 +137,9 @@ fn a_vsock_flood_is_capped() {
     // A host listener at port 7000 of the VM's hybrid vsock, holding every
     // connection it gets.
     let listener = std::os::unix::net::UnixListener::bind(dirs[0].join("jail/vsock.sock_7000")).unwrap();
+    // hearth-vmm connects as its own unprivileged user.
+    std::fs::set_permissions(dirs[0].join("jail/vsock.sock_7000"), std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .unwrap();
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = accepted.clone();
     std::thread::spawn(move || {
@@ -189,6 +192,7 @@ fn a_vsock_flood_is_capped() {
     });
     c.ok(&["task", "rm", "bystander"]);
     c.ok(&["containers", "rm", "bystander"]);
+    figure_peak(&cgroup, "two vsock floods");
     wait_until("the VM idled out", Duration::from_secs(120), || c.vmm_pids().is_empty());
     wait_until("the VM's cgroup removed", Duration::from_secs(30), || !cgroup.exists());
 }
@@ -249,23 +253,85 @@ fn assert_in_its_cgroup(vmm: i32, vm_dir: &std::path::Path, c: &Containerd) -> s
     let path = std::path::Path::new("/sys/fs/cgroup/hearth").join(&name);
     let memory: u64 = std::fs::read_to_string(path.join("memory.current")).unwrap().trim().parse().unwrap();
     let rss = hearth_e2e::proc_status_kib(vmm as u32, "VmRSS").unwrap() * 1024;
+    // The guest's RAM is shared memory (virtiofsd maps it too); the
+    // VMM's own heap is its anonymous memory.
+    let kib = |k: &str| hearth_e2e::proc_status_kib(vmm as u32, k).unwrap_or(0);
     hearth_e2e::figure(&format!(
-        "the VM's cgroup: memory.current {} KiB, hearth-vmm's RSS {} KiB",
+        "the VM's cgroup: memory.current {} KiB, hearth-vmm's RSS {} KiB (guest RAM touched {} KiB, its own heap {} KiB)",
         memory >> 10,
-        rss >> 10
+        rss >> 10,
+        kib("RssShmem"),
+        kib("RssAnon")
     ));
     // The guest's RAM, touched by the booted guest, is charged there.
     assert!(memory >= rss / 2, "memory.current {memory} is not the VMM's (RSS {rss})");
+    // And capped: the test VMs' 512 MiB of RAM plus the default 256 MiB
+    // for the VMM's and virtiofsd's own needs; threads capped too.
+    let read = |f: &str| std::fs::read_to_string(path.join(f)).unwrap().trim().to_string();
+    assert_eq!(read("memory.max"), ((512u64 + 256) << 20).to_string(), "memory.max of the VM's cgroup");
+    assert_eq!(read("memory.oom.group"), "1", "memory.oom.group of the VM's cgroup");
+    assert_eq!(read("pids.max"), "512", "pids.max of the VM's cgroup");
     path
 }
 
+/// What the VM's cgroup used at most, for the record (what the default
+/// `vmm_memory_overhead_mib` must leave room for).
+fn figure_peak(cgroup: &std::path::Path, after: &str) {
+    let read = |f: &str| std::fs::read_to_string(cgroup.join(f)).unwrap_or_default().trim().to_string();
+    let peak: u64 = read("memory.peak").parse().unwrap_or(0);
+    hearth_e2e::figure(&format!(
+        "the VM's cgroup after {after}: memory.peak {} MiB of memory.max {} MiB, pids.current {}",
+        peak >> 20,
+        read("memory.max").parse::<u64>().unwrap_or(0) >> 20,
+        read("pids.current")
+    ));
+}
+
+/// A VMM that outgrows its cgroup's memory.max is ended by the kernel,
+/// alone: the host's other processes (containerd, the shim) are untouched,
+/// its tasks are reported exited with a message naming the limit and the
+/// setting to raise, its cgroup and state are removed, and the next
+/// container gets a new VM. (The limit is lowered here, as a host's admin
+/// might, so that a guest's ordinary allocation reaches it; the default
+/// leaves room for the whole of the guest's RAM, asserted elsewhere.)
+#[test]
+fn a_vm_past_its_memory_limit_is_ended_alone() {
+    let env = Env::get();
+    let scratch = Scratch::new("escape-memory-limit");
+    let c = Containerd::start(&env, &scratch, 3);
+    c.ok(&["run", "-d", "--runtime", RUNTIME, IMAGE, "victim", "sleep", "1000"]);
+    let vmm = c.vmm_pids()[0];
+    let dirs: Vec<_> = std::fs::read_dir(&c.vms).unwrap().flatten().map(|e| e.path()).collect();
+    let cgroup = assert_in_its_cgroup(vmm, &dirs[0], &c);
+    let current: u64 = std::fs::read_to_string(cgroup.join("memory.current")).unwrap().trim().parse().unwrap();
+    std::fs::write(cgroup.join("memory.max"), (current + (48 << 20)).to_string()).unwrap();
+    // 200 MiB touched by the guest, four times what is left.
+    let o = c.ctr(&["task", "exec", "--exec-id", "hog", "victim", "dd", "if=/dev/zero", "of=/dev/null", "bs=200M", "count=1"]);
+    assert!(!o.status.success(), "the hog outlived its VM: {}", text(&o));
+    assert!(
+        text(&o).contains("the host's OOM killer ended hearth-vmm") && text(&o).contains("vmm_memory_overhead_mib"),
+        "the exec's output does not say why its VM ended: {}",
+        text(&o)
+    );
+    wait_until("the victim exited", Duration::from_secs(60), || {
+        c.ok(&["task", "ls"]).lines().any(|l| l.starts_with("victim ") && l.contains("STOPPED"))
+    });
+    assert!(c.vmm_pids().is_empty(), "hearth-vmm still runs");
+    wait_until("the VM's cgroup removed", Duration::from_secs(30), || !cgroup.exists());
+    c.ok(&["task", "rm", "victim"]);
+    c.ok(&["containers", "rm", "victim"]);
+    let o = c.run("next", &[], &["echo", "next-one"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "next-one\n", "{}", text(&o));
+}
+
 /// What an escape into hearth-vmm would inherit, as the host sees it: its
-/// own mount, network, IPC and UTS namespaces, a root holding only the
-/// vsock sockets, the control socket and the console log, no capability,
-/// no_new_privs and seccomp filters.
+/// own mount, network, IPC, UTS and pid namespaces (in which it is pid 1,
+/// seeing no host process), a root holding only the
+/// vsock sockets, the control socket and the console log, an unprivileged
+/// user, no capability, no_new_privs and seccomp filters.
 fn assert_jailed(vmm: i32) {
     let proc = format!("/proc/{vmm}");
-    for ns in ["mnt", "net", "ipc", "uts"] {
+    for ns in ["mnt", "net", "ipc", "uts", "pid"] {
         let theirs = std::fs::read_link(format!("{proc}/ns/{ns}")).unwrap();
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
         assert_ne!(theirs, ours, "hearth-vmm shares the host's {ns} namespace");
@@ -290,6 +356,14 @@ fn assert_jailed(vmm: i32) {
         assert_eq!(field(caps), "0000000000000000", "hearth-vmm's {caps}");
     }
     assert_eq!(field("NoNewPrivs:"), "1");
+    // nobody and nogroup (the shim's default vmm_uid and vmm_gid): real,
+    // effective, saved and file-system ids, and no supplementary group.
+    assert_eq!(field("Uid:").split_whitespace().collect::<Vec<_>>(), ["65534"; 4], "hearth-vmm's uids");
+    assert_eq!(field("Gid:").split_whitespace().collect::<Vec<_>>(), ["65534"; 4], "hearth-vmm's gids");
+    assert_eq!(field("Groups:"), "", "hearth-vmm's supplementary groups");
+    // Its pid as the host sees it, then as it sees itself: the first
+    // process of a namespace of its own.
+    assert_eq!(field("NSpid:").split_whitespace().collect::<Vec<_>>(), [vmm.to_string().as_str(), "1"], "NSpid");
     assert_eq!(field("Seccomp:"), "2", "hearth-vmm runs without seccomp filters");
 }
 

@@ -59,6 +59,9 @@ pub struct VmConfig {
     /// Jail the VMM in this directory once set up (see [`crate::jail`]):
     /// the vsock socket and the console log must be directly inside it.
     pub jail: Option<PathBuf>,
+    /// The unprivileged user and group the jailed VMM becomes (see
+    /// [`crate::jail`]); root, without capabilities, when not given.
+    pub jail_ids: Option<crate::jail::Ids>,
 }
 
 /// A virtio-net device: the host tap behind it and the guest's MAC address.
@@ -165,6 +168,7 @@ impl VmConfig {
             shares: Vec::new(),
             balloon: None,
             jail: None,
+            jail_ids: None,
         }
     }
 }

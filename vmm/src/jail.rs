@@ -18,9 +18,15 @@
 //!   used through descriptors; disks attached later arrive as descriptors
 //!   over the control socket;
 //! - no capabilities at all (effective, permitted, inheritable, ambient and
-//!   the bounding set), and no_new_privs: root's uid remains, so the jail
-//!   directory and its sockets must be owned by root (they are: the shim
-//!   makes them), but nothing beyond what that directory's owner may do;
+//!   the bounding set), and no_new_privs;
+//! - with [`Ids`] (`--uid`, `--gid`; the shim passes them), an unprivileged
+//!   user and group and no supplementary groups, so that even files owned
+//!   by root that it could still name are not its to write. The jail
+//!   directory is then that user's (it rotates the console log there), and
+//!   the sockets that guest connections reach in it must let it connect
+//!   (the shim makes them 0666: the directory, 0700, is what keeps others
+//!   out). Changing the uid clears the parent-death signal, which is set
+//!   again;
 //! - not dumpable: a crash writes no core file holding guest memory, and
 //!   processes of its uid cannot ptrace it.
 //!
@@ -42,6 +48,15 @@ pub enum Error {
     Threads(usize),
     #[error("jailing the VMM: {what}: {source} (it needs root: CAP_SYS_ADMIN for namespaces and pivot_root)")]
     Sys { what: &'static str, source: io::Error },
+    #[error("the jail {path} is owned by uid {owner}, but the VMM becomes uid {uid} in it: `chown {uid}:{gid} {path}`, mode 0700")]
+    Owner { path: PathBuf, owner: u32, uid: u32, gid: u32 },
+}
+
+/// The unprivileged user and group the jailed VMM becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ids {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// Where `path`, a file directly inside `jail`, is once the jail is the root.
@@ -59,16 +74,25 @@ pub fn inside(jail: &Path, path: &Path, what: &'static str) -> Result<PathBuf, E
     Ok(Path::new("/").join(name))
 }
 
-/// Checks that `jail` can be entered, before anything is set up.
-pub fn check(jail: &Path) -> Result<(), Error> {
-    if !jail.is_dir() {
+/// Checks that `jail` can be entered, before anything is set up: a
+/// directory, owned by the user the VMM becomes in it.
+pub fn check(jail: &Path, ids: Option<Ids>) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(jail).map_err(|_| Error::NotADirectory(jail.to_path_buf()))?;
+    if !meta.is_dir() {
         return Err(Error::NotADirectory(jail.to_path_buf()));
+    }
+    if let Some(ids) = ids {
+        if meta.uid() != ids.uid {
+            return Err(Error::Owner { path: jail.to_path_buf(), owner: meta.uid(), uid: ids.uid, gid: ids.gid });
+        }
     }
     Ok(())
 }
 
-/// Enters the jail at `jail` (see the module's docs). Irreversible.
-pub fn enter(jail: &Path) -> Result<(), Error> {
+/// Enters the jail at `jail` (see the module's docs), as `ids` when given.
+/// Irreversible.
+pub fn enter(jail: &Path, ids: Option<Ids>) -> Result<(), Error> {
     let threads = thread_count();
     if threads != 1 {
         return Err(Error::Threads(threads));
@@ -125,9 +149,6 @@ pub fn enter(jail: &Path) -> Result<(), Error> {
 
         // Capabilities, last: everything above needs CAP_SYS_ADMIN.
         sys("no_new_privs", libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
-        // No core dump (it would write the guest's memory to a host file)
-        // and no ptrace by processes of the same uid.
-        sys("not dumpable", libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0))?;
         sys(
             "clearing ambient capabilities",
             libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0),
@@ -135,14 +156,30 @@ pub fn enter(jail: &Path) -> Result<(), Error> {
         for cap in 0..=last_cap {
             sys("dropping a capability from the bounding set", libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0))?;
         }
+        if let Some(Ids { uid, gid }) = ids {
+            // Changing the uid clears the parent-death signal: keep it.
+            let mut death: libc::c_int = 0;
+            sys("reading the parent-death signal", libc::prctl(libc::PR_GET_PDEATHSIG, &mut death as *mut libc::c_int))?;
+            // Groups first: once the uid is not root, they cannot change.
+            sys("dropping supplementary groups", libc::setgroups(0, std::ptr::null()))?;
+            sys("setresgid (the VMM's group)", libc::setresgid(gid, gid, gid))?;
+            sys("setresuid (the VMM's user)", libc::setresuid(uid, uid, uid))?;
+            if death != 0 {
+                sys("setting the parent-death signal again", libc::prctl(libc::PR_SET_PDEATHSIG, death))?;
+            }
+        }
         let mut header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
         let data = [CapData::default(); 2];
         sys(
             "capset (dropping every capability)",
             libc::syscall(libc::SYS_capset, &mut header as *mut CapHeader, data.as_ptr()) as libc::c_int,
         )?;
+        // No core dump (it would write the guest's memory to a host file)
+        // and no ptrace by processes of the same uid. After the uid change,
+        // which resets it.
+        sys("not dumpable", libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0))?;
     }
-    tracing::info!(jail = %jail.display(), "jailed: own namespaces, root pivoted to the jail, no capabilities");
+    tracing::info!(jail = %jail.display(), ?ids, "jailed: own namespaces, root pivoted to the jail, no capabilities");
     Ok(())
 }
 
@@ -187,7 +224,11 @@ mod tests {
         let e = inside(&jail, &jail.join("sub/vsock.sock"), "the vsock socket").unwrap_err().to_string();
         assert!(e.contains("must be directly inside the jail"), "{e}");
         assert!(inside(&jail, Path::new("/tmp/console.log"), "the console log").is_err());
-        assert!(check(&jail.join("missing")).is_err());
+        assert!(check(&jail.join("missing"), None).is_err());
+        assert!(check(&jail, None).is_ok());
+        // Owned by root (the tests run as root), not by the VMM's user.
+        let e = check(&jail, Some(Ids { uid: 65534, gid: 65534 })).unwrap_err().to_string();
+        assert!(e.contains("chown 65534:65534"), "{e}");
         std::fs::remove_dir_all(&jail).unwrap();
     }
 }

@@ -134,7 +134,7 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
     let mut vsock_in_jail = None;
     let mut api_in_jail = None;
     if let Some(jail) = &config.jail {
-        jail::check(jail)?;
+        jail::check(jail, config.jail_ids)?;
         if let Console::File(path) = &config.console {
             console_in_jail = Some(jail::inside(jail, path, "the console log")?);
         }
@@ -286,7 +286,7 @@ pub fn run_on(host: &checks::Host, config: &VmConfig) -> Result<GuestExit, Error
 
     // Everything reached by path before the guest runs is open now.
     if let Some(jail) = &config.jail {
-        jail::enter(jail)?;
+        jail::enter(jail, config.jail_ids)?;
     }
     seccomp::start()?;
 

@@ -104,6 +104,14 @@ struct Args {
     /// jails the VMM; without this option it keeps the host's view.
     #[arg(long, value_name = "DIR")]
     jail: Option<PathBuf>,
+    /// With `--jail`: become this unprivileged user once jailed (as
+    /// Firecracker's jailer's `--uid`). The jail directory must be owned by
+    /// it: the console log is rotated there and its sockets are reached.
+    #[arg(long, value_name = "UID", requires_all = ["jail", "gid"])]
+    uid: Option<u32>,
+    /// With `--jail`: become this group once jailed (no supplementary groups).
+    #[arg(long, value_name = "GID", requires_all = ["jail", "uid"])]
+    gid: Option<u32>,
 }
 
 fn main() -> ExitCode {
@@ -142,6 +150,7 @@ fn main() -> ExitCode {
         shares: args.shares,
         balloon: args.balloon,
         jail: args.jail,
+        jail_ids: args.uid.zip(args.gid).map(|(uid, gid)| hearth_vmm::jail::Ids { uid, gid }),
     };
     match hearth_vmm::run(&config) {
         Ok(exit) => {

@@ -161,8 +161,15 @@ pub fn listen_stdio_random(agent_socket: &Path) -> io::Result<(u32, UnixListener
         let mut b = [0u8; 4];
         random_bytes(&mut b)?;
         let port = STDIO_PORT_MIN + u32::from_le_bytes(b) % (0x8000_0000 - STDIO_PORT_MIN);
-        match UnixListener::bind(stdio_socket_path(agent_socket, port)) {
-            Ok(l) => return Ok((port, l)),
+        let path = stdio_socket_path(agent_socket, port);
+        match UnixListener::bind(&path) {
+            Ok(l) => {
+                // hearth-vmm, which connects to it for the guest, runs as
+                // an unprivileged user: the directory the socket is in
+                // (its jail, 0700) keeps others out, the token the rest.
+                std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+                return Ok((port, l));
+            }
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
             Err(e) => return Err(e),
         }
