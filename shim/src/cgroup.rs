@@ -96,9 +96,11 @@ impl VmCgroup {
     /// rather than anything else on the host) and `pids.max` (the VMM's
     /// threads and virtiofsd's; seccomp already forbids the VMM to fork).
     pub fn limit(&self, memory_max: u64, pids_max: u64) -> Result<()> {
-        for (file, value) in
-            [("memory.max", memory_max.to_string()), ("memory.oom.group", "1".into()), ("pids.max", pids_max.to_string())]
-        {
+        for (file, value) in [
+            ("memory.max", memory_max.to_string()),
+            ("memory.oom.group", "1".into()),
+            ("pids.max", pids_max.to_string()),
+        ] {
             std::fs::write(self.path.join(file), &value)
                 .with_context(|| format!("setting {}/{file} to {value}", self.path.display()))?;
         }
@@ -109,11 +111,8 @@ impl VmCgroup {
     /// cgroup because it reached `memory.max`, and that limit.
     pub fn oom_kills(&self) -> (u64, String) {
         let events = std::fs::read_to_string(self.path.join("memory.events")).unwrap_or_default();
-        let kills = events
-            .lines()
-            .find_map(|l| l.strip_prefix("oom_kill "))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or(0);
+        let kills =
+            events.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|n| n.trim().parse().ok()).unwrap_or(0);
         let max = std::fs::read_to_string(self.path.join("memory.max")).unwrap_or_default().trim().to_string();
         (kills, max)
     }

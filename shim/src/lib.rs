@@ -4,6 +4,8 @@
 //!
 //! - [`shim`]: the binary's commands (start with grouping, delete, serve);
 //! - [`task`]: the Task service: containers, processes, events, idle shutdown;
+//! - [`lifecycle`]: the VM's life (down, running, stopping, closed) as one
+//!   state machine;
 //! - [`vm`]: booting hearth-vmm, VM exit, clean-up after dead shims;
 //! - [`cgroup`]: each VM's cgroup, its accounting and limits;
 //! - [`share`]: the virtio-fs shares' host side, which the guest cannot
@@ -24,6 +26,7 @@ pub mod dns;
 pub mod forward;
 pub mod hooks;
 pub mod io;
+pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod netns;

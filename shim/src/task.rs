@@ -26,6 +26,7 @@ use hearth_agent_protocol::agent as pb;
 
 use crate::config::Config;
 use crate::io::{self, ProcessIo, StdioPaths};
+use crate::lifecycle::{BootError, Ended, Lifecycle, Unavailable};
 use crate::vm::{self, ctx, Vm};
 use containerd_shim::protos::ttrpc as sttrpc;
 
@@ -93,11 +94,11 @@ pub struct Inner {
     /// Why the configuration could not be loaded: creates fail with it
     /// rather than boot a VM from defaults nobody asked for.
     cfg_error: Mutex<Option<String>>,
-    /// Why the shim stopped the VM itself (a dead agent), for vm_ended.
-    dead_reason: Mutex<Option<String>>,
     namespace: String,
     publisher: RemotePublisher,
-    vm: Mutex<Option<Arc<Vm>>>,
+    /// The VM's life: down, running, being stopped, or closed for good
+    /// (lifecycle.rs).
+    vm: Lifecycle<Vm>,
     containers: Mutex<HashMap<String, Container>>,
     /// The last containers deleted, with their VM's boot id: the agent's
     /// OOM report can arrive after the container's process ended and
@@ -105,10 +106,6 @@ pub struct Inner {
     deleted: Mutex<std::collections::VecDeque<(String, String)>>,
     exited: Condvar,
     exit: Arc<ExitSignal>,
-    /// Set while the shim powers the VM off on purpose.
-    stopping: Mutex<bool>,
-    /// Set (under the containers lock) once the shim has decided to exit.
-    closing: Mutex<bool>,
     /// Creates under way: a create that is still booting the VM has no
     /// container in the table yet, but the VM must not idle out under it.
     creating: AtomicUsize,
@@ -124,6 +121,16 @@ pub struct Service(pub Arc<Inner>);
 // side the workspace's. Statuses cross by code number.
 fn status(code: sttrpc::Code, msg: impl Into<String>) -> sttrpc::Error {
     sttrpc::Error::RpcStatus(sttrpc::get_status(code, msg.into()))
+}
+
+/// Why there is no VM to serve a request, as containerd is told.
+fn unavailable(u: Unavailable) -> sttrpc::Error {
+    match u {
+        Unavailable::Closed => {
+            status(sttrpc::Code::UNAVAILABLE, "this shim is shutting its idle VM down: retry, a new shim will start")
+        }
+        Unavailable::NotRunning => status(sttrpc::Code::UNAVAILABLE, "the utility VM is not running"),
+    }
 }
 
 fn not_found(msg: impl Into<String>) -> sttrpc::Error {
@@ -190,15 +197,12 @@ impl Service {
             cfg: Mutex::new(cfg),
             cfg_source: Mutex::new(std::env::var_os("HEARTH_CONFIG").map(PathBuf::from)),
             cfg_error: Mutex::new(cfg_error),
-            dead_reason: Mutex::new(None),
             namespace,
             publisher,
-            vm: Mutex::new(None),
+            vm: Lifecycle::default(),
             containers: Mutex::new(HashMap::new()),
             exited: Condvar::new(),
             exit,
-            stopping: Mutex::new(false),
-            closing: Mutex::new(false),
             creating: AtomicUsize::new(0),
             deleted: Mutex::new(std::collections::VecDeque::new()),
             socket,
@@ -222,7 +226,7 @@ impl Service {
         if self.0.cfg_source.lock().unwrap().as_ref() == Some(&path) {
             return Ok(());
         }
-        let vm_running = self.0.vm.lock().unwrap().is_some();
+        let vm_running = self.0.vm.running().is_ok();
         if vm_running {
             log::warn!("runtime option ConfigPath {} ignored: the utility VM is already running", path.display());
             return Ok(());
@@ -248,21 +252,34 @@ impl Service {
     }
 
     fn vm(&self) -> TtrpcResult<Arc<Vm>> {
-        self.0
-            .vm
-            .lock()
-            .unwrap()
-            .clone()
-            .ok_or_else(|| status(sttrpc::Code::UNAVAILABLE, "the utility VM is not running"))
+        self.0.vm.running().map_err(unavailable)
     }
 
     /// The running VM, booting it first if there is none; `pod_cgroup` is
     /// the cgroup of the pod it is booted for, in per-pod mode.
     fn ensure_vm(&self, pod_cgroup: Option<&Path>) -> TtrpcResult<Arc<Vm>> {
-        let mut slot = self.0.vm.lock().unwrap();
-        if let Some(vm) = slot.as_ref() {
-            return Ok(vm.clone());
+        let mut booted = false;
+        let vm = self
+            .0
+            .vm
+            .running_or_boot(|| {
+                booted = true;
+                self.boot(pod_cgroup)
+            })
+            .map_err(|e| match e {
+                BootError::Unavailable(u) => unavailable(u),
+                BootError::Boot(e) => e,
+            })?;
+        if booted {
+            self.watch_oom(vm.clone());
+            self.watch_agent(vm.clone(), self.cfg().agent_timeout_secs);
         }
+        Ok(vm)
+    }
+
+    /// Boots a VM (for [`Lifecycle::running_or_boot`]) and records it for
+    /// `hearth status`.
+    fn boot(&self, pod_cgroup: Option<&Path>) -> TtrpcResult<Arc<Vm>> {
         if let Some(e) = self.0.cfg_error.lock().unwrap().clone() {
             return Err(status(
                 sttrpc::Code::FAILED_PRECONDITION,
@@ -273,7 +290,6 @@ impl Service {
         crate::vm::reap_orphans(&cfg.state_dir);
         let dir = cfg.state_dir.join(format!("{}-{}", self.0.namespace, std::process::id()));
         let me = self.clone();
-        *self.0.dead_reason.lock().unwrap() = None;
         let vm = Vm::boot(&cfg, &dir, pod_cgroup, move |code, killed, console| me.vm_ended(code, killed, console))
             .map_err(|e| status(sttrpc::Code::UNAVAILABLE, format!("booting the utility VM: {e:#}")))?;
         let record = crate::record::VmRecord {
@@ -295,24 +311,26 @@ impl Service {
         if let Err(e) = record.write(&vm.dir) {
             log::warn!("writing the VM's record in {}: {e:#}", vm.dir.display());
         }
-        let vm = Arc::new(vm);
-        *slot = Some(vm.clone());
-        self.watch_oom(vm.clone());
-        self.watch_agent(vm.clone(), cfg.agent_timeout_secs);
-        Ok(vm)
+        Ok(Arc::new(vm))
     }
 
     /// hearth-vmm ended. Unless the shim powered it off, every process still
     /// running in it has exited: say so, with the reason in the log.
     fn vm_ended(&self, code: i32, killed: Option<String>, console: String) {
-        let vm = self.0.vm.lock().unwrap().take();
-        if let Some(vm) = &vm {
-            vm.cleanup();
-        }
-        if *self.0.stopping.lock().unwrap() {
-            return;
-        }
-        let reason = self.0.dead_reason.lock().unwrap().take().or(killed).unwrap_or_else(|| {
+        let why = match self.0.vm.ended() {
+            Ended::OnPurpose => return,
+            Ended::Unexpectedly(vm) => {
+                if let Some(vm) = vm {
+                    vm.cleanup();
+                }
+                None
+            }
+            Ended::Stopped { vm, why } => {
+                vm.cleanup();
+                Some(why)
+            }
+        };
+        let reason = why.or(killed).unwrap_or_else(|| {
             match code {
                 3 => "the guest kernel panicked",
                 4 => "the guest crashed",
@@ -356,7 +374,7 @@ impl Service {
 
     /// Whether `vm` is still the shim's VM (not ended, not replaced).
     fn is_current(&self, vm: &Arc<Vm>) -> bool {
-        self.0.vm.lock().unwrap().as_ref().is_some_and(|v| Arc::ptr_eq(v, vm))
+        self.0.vm.is_current(vm)
     }
 
     /// Checks the agent's health every few seconds. An agent that leaves a
@@ -380,12 +398,12 @@ impl Service {
             while Instant::now() < settle && me.is_current(&vm) {
                 std::thread::sleep(Duration::from_millis(100));
             }
-            if !me.is_current(&vm) || *me.0.stopping.lock().unwrap() {
+            let reason = format!("the agent did not answer a health check within {timeout_secs} s ({e})");
+            // Not if it ended, or the shim is closing, in the meantime.
+            if !me.0.vm.stop_serving(&vm, reason.clone()) {
                 return;
             }
-            let reason = format!("the agent did not answer a health check within {timeout_secs} s ({e})");
             log::error!("{reason}: stopping the utility VM (hearth-vmm pid {})", vm.vmm_pid);
-            *me.0.dead_reason.lock().unwrap() = Some(reason);
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(vm.vmm_pid), nix::sys::signal::SIGKILL);
             return;
         });
@@ -679,18 +697,18 @@ impl Service {
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
-            {
+            let vm = {
                 // Decide under the containers lock, so that a create either
-                // comes first (and the shim stays) or finds it closing.
+                // comes first (and the shim stays) or finds it closed.
                 let cs = me.containers();
                 if me.busy(&cs) {
                     return;
                 }
-                *me.0.closing.lock().unwrap() = true;
+                let vm = me.0.vm.close();
                 let _ = std::fs::remove_file(me.0.socket.trim_start_matches("unix://"));
-            }
-            *me.0.stopping.lock().unwrap() = true;
-            if let Some(vm) = me.0.vm.lock().unwrap().take() {
+                vm
+            };
+            if let Some(vm) = vm {
                 log::info!("no containers for {idle:?}: shutting the utility VM down");
                 vm.shutdown();
             }
@@ -717,11 +735,8 @@ impl Task for Service {
     fn create(&self, _: &TtrpcContext, req: CreateTaskRequest) -> TtrpcResult<CreateTaskResponse> {
         {
             let cs = self.containers();
-            if *self.0.closing.lock().unwrap() {
-                return Err(status(
-                    sttrpc::Code::UNAVAILABLE,
-                    "this shim is shutting its idle VM down: retry, a new shim will start",
-                ));
+            if self.0.vm.is_closed() {
+                return Err(unavailable(Unavailable::Closed));
             }
             if cs.contains_key(&req.id) {
                 return Err(status(sttrpc::Code::ALREADY_EXISTS, format!("container {} already exists", req.id)));

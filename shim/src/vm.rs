@@ -405,7 +405,8 @@ fn spawn_in_new_pid_namespace(
     cmd: &mut Command,
 ) -> std::io::Result<std::process::Child> {
     use std::os::fd::AsRawFd;
-    let own = own.as_ref().map_err(|e| std::io::Error::new(e.kind(), format!("opening the shim's pid namespace: {e}")))?;
+    let own =
+        own.as_ref().map_err(|e| std::io::Error::new(e.kind(), format!("opening the shim's pid namespace: {e}")))?;
     let pid_namespace_error = |what: &str| {
         let e = std::io::Error::last_os_error();
         std::io::Error::new(e.kind(), format!("{what} for hearth-vmm: {e} (the shim must run as root)"))
@@ -493,7 +494,7 @@ fn mounts_beneath(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// mountinfo writes space, tab, newline and backslash as octal escapes.
-fn unescape_mountinfo(s: &str) -> String {
+pub(crate) fn unescape_mountinfo(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -522,10 +523,7 @@ pub fn tail(path: &Path, n: usize) -> String {
     use std::io::{Read, Seek, SeekFrom};
     use std::os::unix::fs::OpenOptionsExt;
     const MAX: u64 = 64 << 10;
-    let Ok(mut f) = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
+    let Ok(mut f) = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path)
     else {
         return String::new();
     };

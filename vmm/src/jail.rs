@@ -159,7 +159,10 @@ pub fn enter(jail: &Path, ids: Option<Ids>) -> Result<(), Error> {
         if let Some(Ids { uid, gid }) = ids {
             // Changing the uid clears the parent-death signal: keep it.
             let mut death: libc::c_int = 0;
-            sys("reading the parent-death signal", libc::prctl(libc::PR_GET_PDEATHSIG, &mut death as *mut libc::c_int))?;
+            sys(
+                "reading the parent-death signal",
+                libc::prctl(libc::PR_GET_PDEATHSIG, &mut death as *mut libc::c_int),
+            )?;
             // Groups first: once the uid is not root, they cannot change.
             sys("dropping supplementary groups", libc::setgroups(0, std::ptr::null()))?;
             sys("setresgid (the VMM's group)", libc::setresgid(gid, gid, gid))?;
