@@ -10,6 +10,8 @@
 //! - [`cgroup`]: each VM's cgroup, its accounting and limits;
 //! - [`share`]: the virtio-fs shares' host side, which the guest cannot
 //!   redirect (a host-only tree, a read-only export);
+//! - [`source`]: bind sources resolved so that no guest-planted symlink
+//!   aims them;
 //! - [`metrics`]: the agent's cgroup statistics as containerd's metrics;
 //! - [`io`]: containerd's FIFOs to and from the agent's stdio streams;
 //! - [`disk`]: container roots on disk images attached to the VM;
@@ -35,6 +37,7 @@ pub mod pod;
 pub mod record;
 pub mod share;
 pub mod shim;
+pub mod source;
 pub mod task;
 pub mod tool;
 pub mod vm;

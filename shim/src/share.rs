@@ -143,10 +143,13 @@ impl Share {
     /// descriptor (move_mount): a bind made in place and remounted read-only
     /// afterwards would already have propagated, writable, into virtiofsd's
     /// mount namespace, and the guest would write through that copy.
-    pub fn bind(&self, rel: &Path, source: &Path, recursive: bool, readonly: bool) -> Result<PathBuf> {
+    ///
+    /// `src` is `source` as [`crate::source::open`] resolved it: the bind is
+    /// made from that descriptor, so what was checked is what is mounted.
+    pub fn bind(&self, rel: &Path, source: &Path, src: &OwnedFd, recursive: bool, readonly: bool) -> Result<PathBuf> {
         plain(rel)?;
         let what = || format!("binding {} at {}", source.display(), self.host.join(rel).display());
-        let target = if source.is_dir() {
+        let target = if crate::source::is_dir(src).with_context(what)? {
             make_dirs(&self.host_fd, rel)
         } else {
             // A file: its directory, then the file (created if missing).
@@ -156,17 +159,17 @@ impl Share {
         }
         .with_context(|| format!("{} (the mount point)", what()))?;
 
-        let (src, empty) = (cstr(source)?, CString::default());
+        let empty = CString::default();
         const OPEN_TREE_CLONE: libc::c_uint = 1;
         const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
         const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
-        let mut flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
+        let mut flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint;
         if recursive {
             flags |= libc::AT_RECURSIVE as libc::c_uint;
         }
-        // SAFETY: a NUL-terminated path that outlives the call; the fd is
-        // owned from here on.
-        let tree = check(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, src.as_ptr(), flags) })
+        // SAFETY: the source's descriptor and an empty path that outlives
+        // the call; the returned fd is owned from here on.
+        let tree = check(unsafe { libc::syscall(libc::SYS_open_tree, src.as_raw_fd(), empty.as_ptr(), flags) })
             .with_context(|| format!("{} (open_tree)", what()))?;
         // SAFETY: a fresh descriptor that nothing else owns.
         let tree = unsafe { OwnedFd::from_raw_fd(tree as RawFd) };
@@ -336,6 +339,10 @@ mod tests {
 
     /// A scratch directory in a mount namespace of this test's thread alone,
     /// with nothing propagating back to the host's.
+    fn src_fd(p: &Path) -> OwnedFd {
+        crate::source::open(p, &Default::default()).unwrap()
+    }
+
     fn private_scratch(name: &str) -> PathBuf {
         // SAFETY: unshare takes flags only; CLONE_NEWNS affects this thread.
         let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
@@ -361,8 +368,8 @@ mod tests {
         std::fs::create_dir_all(&ro).unwrap();
         std::fs::write(ro.join("keep"), "host").unwrap();
         let share = Share::create(&dir.join("vm"), "shared").unwrap();
-        share.bind(Path::new("c1/mounts/0"), &rw, false, false).unwrap();
-        share.bind(Path::new("c1/mounts/1"), &ro, false, true).unwrap();
+        share.bind(Path::new("c1/mounts/0"), &rw, &src_fd(&rw), false, false).unwrap();
+        share.bind(Path::new("c1/mounts/1"), &ro, &src_fd(&ro), false, true).unwrap();
         let export = share.export();
 
         // What the guest sees: the container's mounts, read-write or
@@ -396,10 +403,10 @@ mod tests {
         for (rel, source) in
             [("c1/mounts/0", src.clone()), ("c2/mounts/0", src.clone()), ("c2/mounts/1", src.join("f"))]
         {
-            let e = share.bind(Path::new(rel), &source, false, false).unwrap_err();
+            let e = share.bind(Path::new(rel), &source, &src_fd(&source), false, false).unwrap_err();
             assert!(format!("{e:#}").contains("mount point"), "{rel}: {e:#}");
         }
-        assert!(share.bind(Path::new("../escape"), &src, false, false).is_err());
+        assert!(share.bind(Path::new("../escape"), &src, &src_fd(&src), false, false).is_err());
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(!mounts.contains(victim.to_str().unwrap()), "{mounts}");
         assert_eq!(std::fs::read_to_string(victim.join("precious")).unwrap(), "host");

@@ -27,6 +27,7 @@ use hearth_agent_protocol::agent as pb;
 use crate::config::Config;
 use crate::io::{self, ProcessIo, StdioPaths};
 use crate::lifecycle::{BootError, Ended, Lifecycle, Unavailable};
+use crate::source::GuestWritable;
 use crate::vm::{self, ctx, Vm};
 use containerd_shim::protos::ttrpc as sttrpc;
 
@@ -497,6 +498,7 @@ impl Service {
         bundle: &Path,
         spec: &oci_spec::runtime::Spec,
         vm: &Vm,
+        writable: &GuestWritable,
         mounts: &mut Vec<PathBuf>,
     ) -> anyhow::Result<()> {
         let host_root = bundle.join("rootfs");
@@ -512,7 +514,8 @@ impl Service {
             Some(p) => bundle.join(p),
             None => host_root.clone(),
         };
-        mounts.push(vm.roots.bind(&Path::new(&req.id).join("rootfs"), &root, true, false)?);
+        let fd = crate::source::open(&root, writable)?;
+        mounts.push(vm.roots.bind(&Path::new(&req.id).join("rootfs"), &root, &fd, true, false)?);
         Ok(())
     }
 
@@ -543,6 +546,9 @@ impl Service {
             None => None,
         };
         let mut mounts = Vec::new();
+        // Where guests can write on the host, as of now: bind sources do
+        // not follow symlinks there.
+        let writable = GuestWritable::scan(&self.cfg().state_dir);
         let mut disk = None;
         let mut mirrored = None;
         let mut dns = None;
@@ -561,7 +567,7 @@ impl Service {
                     pb::Rootfs { block_serial: serial, ..Default::default() }
                 }
                 None => {
-                    self.share_root(req, &bundle, &spec, &vm, &mut mounts)?;
+                    self.share_root(req, &bundle, &spec, &vm, &writable, &mut mounts)?;
                     pb::Rootfs { path: guest_root.display().to_string(), ..Default::default() }
                 }
             };
@@ -609,7 +615,9 @@ impl Service {
                 interfaces = nics;
             }
             for b in hearth_oci::translate::for_guest(&mut spec, &req.id, Path::new(vm::GUEST_SHARED)) {
-                mounts.push(vm.shared.bind(&b.in_share, &b.source, b.recursive, b.readonly)?);
+                // Resolved so that no guest-planted symlink aims it (source.rs).
+                let fd = crate::source::open(&b.source, &writable)?;
+                mounts.push(vm.shared.bind(&b.in_share, &b.source, &fd, b.recursive, b.readonly)?);
             }
             if let Some((sandbox_pid, shared)) = &pod {
                 crate::pod::join_sandbox(&mut spec, shared, *sandbox_pid)?;

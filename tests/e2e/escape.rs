@@ -306,7 +306,18 @@ fn a_vm_past_its_memory_limit_is_ended_alone() {
     let current: u64 = std::fs::read_to_string(cgroup.join("memory.current")).unwrap().trim().parse().unwrap();
     std::fs::write(cgroup.join("memory.max"), (current + (48 << 20)).to_string()).unwrap();
     // 200 MiB touched by the guest, four times what is left.
-    let o = c.ctr(&["task", "exec", "--exec-id", "hog", "victim", "dd", "if=/dev/zero", "of=/dev/null", "bs=200M", "count=1"]);
+    let o = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "hog",
+        "victim",
+        "dd",
+        "if=/dev/zero",
+        "of=/dev/null",
+        "bs=200M",
+        "count=1",
+    ]);
     assert!(!o.status.success(), "the hog outlived its VM: {}", text(&o));
     assert!(
         text(&o).contains("the host's OOM killer ended hearth-vmm") && text(&o).contains("vmm_memory_overhead_mib"),
@@ -484,4 +495,54 @@ fn read_only_binds_hold_on_the_host_against_a_privileged_guest() {
     let left: Vec<_> = std::fs::read_dir(&ro).unwrap().flatten().map(|e| e.file_name()).collect();
     assert_eq!(left.len(), 2, "files appeared in the read-only source: {left:?}");
     wait_until("the VM idled out", Duration::from_secs(120), || c.vmm_pids().is_empty());
+}
+
+/// One guest plants a symbolic link in a volume it shares with the host,
+/// aimed at a host directory; a second container is given that link as its
+/// volume's source (a path inside a shared volume, as a user might name
+/// one). The shim refuses the bind, naming the link, instead of mounting
+/// the host directory the guest chose; a link the host made, outside any
+/// directory a guest writes, is still followed, as runc follows it.
+#[test]
+fn a_symlink_planted_in_a_volume_aims_no_other_containers_bind() {
+    let env = Env::get();
+    let scratch = Scratch::new("escape-bind-source");
+    let c = Containerd::start(&env, &scratch, 3);
+    let (volume, precious, real) = (scratch.path("volume"), scratch.path("precious"), scratch.path("real"));
+    for d in [&volume, &precious, &real] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(precious.join("file"), "host-only\n").unwrap();
+    std::fs::write(real.join("file"), "real\n").unwrap();
+    let host_link = scratch.path("host-link");
+    std::os::unix::fs::symlink(&real, &host_link).unwrap();
+
+    let vol_mount = format!("type=bind,src={},dst=/vol,options=rbind:rw", volume.display());
+    c.ok(&["run", "-d", "--runtime", RUNTIME, "--mount", &vol_mount, IMAGE, "planter", "sleep", "1000"]);
+    let target = precious.display().to_string();
+    c.ok(&["task", "exec", "--exec-id", "plant", "planter", "ln", "-s", &target, "/vol/aim"]);
+    assert_eq!(std::fs::read_link(volume.join("aim")).unwrap(), precious, "the guest's link, as the host sees it");
+
+    let aimed = format!("type=bind,src={},dst=/data,options=rbind:ro", volume.join("aim").display());
+    let o = c.ctr(&["run", "--rm", "--runtime", RUNTIME, "--mount", &aimed, IMAGE, "victim", "cat", "/data/file"]);
+    assert!(!o.status.success(), "the guest's link was followed: {}", text(&o));
+    assert!(!text(&o).contains("host-only"), "{}", text(&o));
+    assert!(
+        text(&o).contains("a hearth guest can") && text(&o).contains(&volume.join("aim").display().to_string()),
+        "the refusal does not name the link and why: {}",
+        text(&o)
+    );
+    let _ = c.ctr(&["containers", "rm", "victim"]);
+
+    let legit = format!("type=bind,src={},dst=/data,options=rbind:ro", host_link.display());
+    let o = c.run("legit", &["--mount", &legit], &["cat", "/data/file"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "real\n", "a host-made link is followed: {}", text(&o));
+    let o = c.ctr(&["task", "exec", "--exec-id", "after", "planter", "echo", "still-here"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "still-here\n", "{}", text(&o));
+    c.ok(&["task", "kill", "-s", "SIGKILL", "planter"]);
+    wait_until("the planter exited", Duration::from_secs(60), || {
+        !c.ok(&["task", "ls"]).lines().any(|l| l.starts_with("planter ") && l.contains("RUNNING"))
+    });
+    c.ok(&["task", "rm", "planter"]);
+    c.ok(&["containers", "rm", "planter"]);
 }
