@@ -12,6 +12,10 @@
 //! is locked (`flock`) for as long as it is attached: the VMM holds the
 //! same open file, so the lock lasts until the disk is detached or the VMM
 //! dies, and no second container or VM attaches it meanwhile.
+//!
+//! A root that containerd's snapshotter gives as a block device (devmapper)
+//! is attached the same way ([`snapshot_device`], [`open_device`]), opened
+//! with `O_EXCL` in place of the lock.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -66,6 +70,38 @@ pub fn open(images_dir: &Path, image: &str) -> Result<File> {
     }
     check(&path)?;
     Ok(file)
+}
+
+/// The block device of a root that containerd's snapshotter made one
+/// (devmapper gives one ext4 mount whose source is a thin device): such a
+/// root is attached to the VM as a disk, as an image is, instead of being
+/// mounted on the host and shared over virtio-fs.
+pub fn snapshot_device(rootfs: &[containerd_shim::protos::api::Mount]) -> Option<PathBuf> {
+    use std::os::unix::fs::FileTypeExt;
+    let [m] = rootfs else { return None };
+    let source = Path::new(&m.source);
+    (m.type_ == "ext4"
+        && source.is_absolute()
+        && std::fs::metadata(source).is_ok_and(|md| md.file_type().is_block_device()))
+    .then(|| source.to_path_buf())
+}
+
+/// Opens a snapshot's block device for the VM, exclusively: the kernel
+/// refuses it while it is mounted or opened so elsewhere (a second
+/// container, the host), and it is never attached twice.
+pub fn open_device(device: &Path) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+        .open(device)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EBUSY) => anyhow::anyhow!(
+                "the snapshot's block device {} is in use (mounted on the host, or attached to another container)",
+                device.display()
+            ),
+            _ => anyhow::anyhow!("cannot open the snapshot's block device {}: {e}", device.display()),
+        })
 }
 
 /// `e2fsck -p`: repairs what is safe to repair, refuses a damaged image.

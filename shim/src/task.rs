@@ -566,10 +566,27 @@ impl Service {
                     log::info!("container {}: root on the disk image {image} (disk {serial})", req.id);
                     pb::Rootfs { block_serial: serial, ..Default::default() }
                 }
-                None => {
-                    self.share_root(req, &bundle, &spec, &vm, &writable, &mut mounts)?;
-                    pb::Rootfs { path: guest_root.display().to_string(), ..Default::default() }
-                }
+                None => match crate::disk::snapshot_device(&req.rootfs) {
+                    // A block-device snapshot (devmapper): attached likewise.
+                    Some(device) => {
+                        let file = crate::disk::open_device(&device)?;
+                        let serial = crate::disk::serial(&req.id);
+                        vm.api.attach_disk(&file, &serial, false).map_err(|e| {
+                            anyhow::anyhow!("attaching the snapshot {} to the VM: {e}", device.display())
+                        })?;
+                        disk = Some(serial.clone());
+                        log::info!(
+                            "container {}: root on the snapshot device {} (disk {serial})",
+                            req.id,
+                            device.display()
+                        );
+                        pb::Rootfs { block_serial: serial, ..Default::default() }
+                    }
+                    None => {
+                        self.share_root(req, &bundle, &spec, &vm, &writable, &mut mounts)?;
+                        pb::Rootfs { path: guest_root.display().to_string(), ..Default::default() }
+                    }
+                },
             };
             // Read before the translation drops the path (the guest cannot
             // join a host namespace; it gets its interfaces instead).

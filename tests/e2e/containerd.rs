@@ -397,3 +397,67 @@ fn containers_run_on_disk_images_attached_while_the_vm_runs() {
     let fsck = Command::new("e2fsck").args(["-n", "-f"]).arg(&a).output().unwrap();
     assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
 }
+
+/// containerd's devmapper snapshotter gives a container's root as a block
+/// device (a thin device of an ext4 file system): the shim attaches it to
+/// the running VM as a disk instead of mounting it on the host and sharing
+/// it over virtio-fs, and the guest's writes land in the snapshot.
+#[test]
+fn containers_run_on_devmapper_snapshots_attached_as_disks() {
+    let env = Env::get();
+    let scratch = Scratch::new("containerd-devmapper");
+    let pool = hearth_e2e::devmapper::ThinPool::new(&scratch.path("pool"), "hearth-e2e-pool", 1024);
+    let c = Containerd::start_configured(
+        &env,
+        &scratch,
+        "idle_timeout_secs = 3\n",
+        &pool.containerd_config(&scratch.path("devmapper")),
+    );
+    c.ok(&["images", "import", "--snapshotter", "devmapper", &env.busybox_image.display().to_string()]);
+    let dm = ["--snapshotter", "devmapper", "--runtime", RUNTIME];
+
+    // Two containers at once, each on its own thin device, both attached.
+    for id in ["dm1", "dm2"] {
+        let mut args = vec!["run", "-d"];
+        args.extend(dm);
+        args.extend([IMAGE, id, "sleep", "1000"]);
+        c.ok(&args);
+        wait_until(&format!("{id} running"), Duration::from_secs(120), || running(&c, id));
+    }
+    let vm = std::fs::read_dir(&c.vms).unwrap().flatten().next().unwrap().path();
+    let info = hearth_vmm::api::Client::new(vm.join("jail/api.sock")).info().expect("the VMM's control socket");
+    assert_eq!(info.disks.iter().filter(|d| d.id.is_some()).count(), 2, "two roots attached: {info:?}");
+    // The root is the thin device, ext4, in the guest's own kernel.
+    let root = c.ok(&["task", "exec", "--exec-id", "m", "dm1", "sh", "-c", "grep ' / ' /proc/mounts"]);
+    assert!(root.starts_with("/dev/vd") && root.contains(" / ext4 "), "dm1's root: {root}");
+    c.ok(&["task", "exec", "--exec-id", "w", "dm1", "sh", "-c", "echo written-in-the-guest > /proof && sync"]);
+    assert_eq!(pool.devices().len(), 2, "each container's own thin device, active: {:?}", pool.devices());
+    // Held exclusively while attached: the host cannot mount it meanwhile.
+    let mounts = c.ok(&["snapshots", "--snapshotter", "devmapper", "mounts", "/mnt", "dm1"]);
+    let device = mounts.split_whitespace().find(|w| w.starts_with("/dev/mapper/")).expect(&mounts).to_string();
+    let at = scratch.path("dm1-root");
+    std::fs::create_dir_all(&at).unwrap();
+    let o = Command::new("mount").args(["-o", "ro", &device]).arg(&at).output().unwrap();
+    assert!(!o.status.success(), "the host mounted {device} while the VM had it");
+
+    for id in ["dm1", "dm2"] {
+        c.ok(&["task", "kill", "-s", "SIGKILL", id]);
+        wait_until(&format!("{id} stopped"), Duration::from_secs(60), || stopped(&c, id));
+        c.ok(&["task", "rm", id]);
+    }
+    // Detached at delete; the VM idles out with nothing attached.
+    wait_until("the VM idled out", Duration::from_secs(120), || c.vmm_pids().is_empty());
+
+    // dm1's writes are in its snapshot: mounted on the host now that no
+    // VM holds it.
+    hearth_e2e::host(Command::new("mount").args(["-o", "ro", &device]).arg(&at));
+    let proof = std::fs::read_to_string(at.join("proof"));
+    hearth_e2e::host(Command::new("umount").arg(&at));
+    assert_eq!(proof.unwrap(), "written-in-the-guest\n", "dm1's snapshot on the host");
+    for id in ["dm1", "dm2"] {
+        c.ok(&["containers", "rm", id]);
+    }
+    c.ok(&["images", "rm", IMAGE]);
+    drop(c);
+    drop(pool);
+}

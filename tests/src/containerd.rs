@@ -54,6 +54,12 @@ impl Containerd {
     /// added to the paths of the built artefacts), and imports the busybox
     /// image.
     pub fn start_with(env: &Env, scratch: &Scratch, hearth_extra: &str) -> Containerd {
+        Self::start_configured(env, scratch, hearth_extra, "")
+    }
+
+    /// [`Containerd::start_with`], with `containerd_extra` (TOML tables)
+    /// added to containerd's own configuration.
+    pub fn start_configured(env: &Env, scratch: &Scratch, hearth_extra: &str, containerd_extra: &str) -> Containerd {
         let root = scratch.path("root");
         std::fs::create_dir_all(&root).unwrap();
         // Overlay snapshots need a filesystem that can be an overlay's upper
@@ -66,7 +72,7 @@ impl Containerd {
         std::fs::write(
             &config,
             format!(
-                "version = 2\nroot = \"{}\"\nstate = \"{}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{}\"\n",
+                "version = 2\nroot = \"{}\"\nstate = \"{}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{}\"\n{containerd_extra}",
                 root.display(),
                 state.display(),
                 socket.display()

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod cni;
 pub mod containerd;
 pub mod cri;
+pub mod devmapper;
 pub mod distro;
 pub mod docker;
 

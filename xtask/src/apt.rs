@@ -25,6 +25,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("containerd", "containerd and ctr, which drive the shim (e2e containerd, the demo)"),
     ("qemu-system-x86", "the test host, and the reference VMM of `bench boot`"),
     ("e2fsprogs", "ext4 images for the guest's disks (mke2fs -d, debugfs)"),
+    ("dmsetup", "device-mapper thin pools for containerd's devmapper snapshotter (e2e containerd)"),
     ("libseccomp-dev", "building virtiofsd, and libseccomp.a for the static hearth-agent"),
     ("libcap-ng-dev", "building virtiofsd"),
     ("iproute2", "taps for virtio-net in the e2e suites; the shim's bridge and taps for the VM's network"),

@@ -111,20 +111,28 @@ impl Control {
         let file =
             file.ok_or("attach-disk needs the image's open file descriptor sent with the request (SCM_RIGHTS)")?;
         let meta = file.metadata().map_err(|e| format!("cannot stat the image: {e}"))?;
-        if !meta.file_type().is_file() {
-            let kind = if meta.file_type().is_block_device() { "a block device" } else { "not a regular file" };
-            return Err(format!("the descriptor is {kind}: attach a raw image file"));
+        let block_device = meta.file_type().is_block_device();
+        if !meta.file_type().is_file() && !block_device {
+            return Err("the descriptor is neither a regular file nor a block device: attach a raw image file or a block device".into());
         }
         if !read_only && !writable(&file) {
             return Err("the image was opened read-only: open it read-write, or attach it with read_only".into());
         }
-        let size = meta.len();
+        // A block device (a devmapper snapshot, say) has no length in its
+        // inode: its size is where its end is.
+        let size = if block_device {
+            use std::io::Seek;
+            (&file).seek(std::io::SeekFrom::End(0)).map_err(|e| format!("cannot size the block device: {e}"))?
+        } else {
+            meta.len()
+        };
         if size == 0 || size % SECTOR_SIZE != 0 {
             return Err(format!(
                 "the image is {size} bytes: a disk is a whole number of 512-byte sectors, at least one"
             ));
         }
-        let identity = (meta.dev(), meta.ino());
+        // The same device is the same disk whichever node named it.
+        let identity = if block_device { (meta.rdev(), u64::MAX) } else { (meta.dev(), meta.ino()) };
         // Attaches and detaches one at a time, so that what is checked here
         // still holds when the slot is filled.
         let _changes = self.changes.lock().unwrap();

@@ -143,7 +143,8 @@ fn bad_attaches_are_refused_with_what_to_do() {
     assert!(refused(attach("x", false, Some(File::open(&img).unwrap()))).contains("opened read-only"));
     assert!(refused(attach("x", false, Some(rw(&odd)))).contains("512-byte sectors"));
     assert!(refused(attach("x", false, Some(rw(&empty)))).contains("512-byte sectors"));
-    assert!(refused(attach("x", false, Some(File::open(&dir.0).unwrap()))).contains("not a regular file"));
+    assert!(refused(attach("x", false, Some(File::open(&dir.0).unwrap())))
+        .contains("neither a regular file nor a block device"));
     // The disk given at start is already attached.
     assert!(refused(attach("x", false, Some(rw(&fixed)))).contains("already attached"));
 

@@ -274,6 +274,8 @@ fn api() -> Rules {
     );
     // The reply (std's write on a socket is send): never to an address.
     add(&mut r, libc::SYS_sendto, arg_in(4, &[0]));
+    // attach-disk of a block device: its size is where its end is.
+    add(&mut r, libc::SYS_lseek, arg32_in(2, &[libc::SEEK_END as u64]));
     // The client's read and write timeouts.
     add(&mut r, libc::SYS_setsockopt, arg32_in(2, &[libc::SO_RCVTIMEO as u64, libc::SO_SNDTIMEO as u64]));
     // attach-disk and attach-nic: the descriptor's access mode; the
