@@ -554,39 +554,34 @@ impl Service {
         let mut dns = None;
         let result = (|| {
             let guest_root = Path::new(vm::GUEST_ROOTS).join(&req.id).join("rootfs");
-            let rootfs = match crate::disk::requested(&spec) {
-                // A root on a disk image: attached, then mounted by the agent.
+            // A root on a disk: a disk image the annotation names, or a
+            // block-device snapshot (devmapper); attached, then mounted by
+            // the agent. Any other root is shared over virtio-fs.
+            let block = match crate::disk::requested(&spec) {
                 Some(image) => {
-                    let file = crate::disk::open(&self.cfg().disk_images_dir, &image)?;
+                    Some((crate::disk::open(&self.cfg().disk_images_dir, &image)?, format!("the disk image {image}")))
+                }
+                None => match crate::disk::snapshot_device(&req.rootfs) {
+                    Some(device) => {
+                        Some((crate::disk::open_device(&device)?, format!("the snapshot device {}", device.display())))
+                    }
+                    None => None,
+                },
+            };
+            let rootfs = match block {
+                Some((file, what)) => {
                     let serial = crate::disk::serial(&req.id);
                     vm.api
                         .attach_disk(&file, &serial, false)
-                        .map_err(|e| anyhow::anyhow!("attaching the disk image {image} to the VM: {e}"))?;
+                        .map_err(|e| anyhow::anyhow!("attaching {what} to the VM: {e}"))?;
                     disk = Some(serial.clone());
-                    log::info!("container {}: root on the disk image {image} (disk {serial})", req.id);
+                    log::info!("container {}: root on {what} (disk {serial})", req.id);
                     pb::Rootfs { block_serial: serial, ..Default::default() }
                 }
-                None => match crate::disk::snapshot_device(&req.rootfs) {
-                    // A block-device snapshot (devmapper): attached likewise.
-                    Some(device) => {
-                        let file = crate::disk::open_device(&device)?;
-                        let serial = crate::disk::serial(&req.id);
-                        vm.api.attach_disk(&file, &serial, false).map_err(|e| {
-                            anyhow::anyhow!("attaching the snapshot {} to the VM: {e}", device.display())
-                        })?;
-                        disk = Some(serial.clone());
-                        log::info!(
-                            "container {}: root on the snapshot device {} (disk {serial})",
-                            req.id,
-                            device.display()
-                        );
-                        pb::Rootfs { block_serial: serial, ..Default::default() }
-                    }
-                    None => {
-                        self.share_root(req, &bundle, &spec, &vm, &writable, &mut mounts)?;
-                        pb::Rootfs { path: guest_root.display().to_string(), ..Default::default() }
-                    }
-                },
+                None => {
+                    self.share_root(req, &bundle, &spec, &vm, &writable, &mut mounts)?;
+                    pb::Rootfs { path: guest_root.display().to_string(), ..Default::default() }
+                }
             };
             // Read before the translation drops the path (the guest cannot
             // join a host namespace; it gets its interfaces instead).

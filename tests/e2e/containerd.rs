@@ -407,13 +407,7 @@ fn containers_run_on_devmapper_snapshots_attached_as_disks() {
     let env = Env::get();
     let scratch = Scratch::new("containerd-devmapper");
     let pool = hearth_e2e::devmapper::ThinPool::new(&scratch.path("pool"), "hearth-e2e-pool", 1024);
-    let c = Containerd::start_configured(
-        &env,
-        &scratch,
-        "idle_timeout_secs = 3\n",
-        &pool.containerd_config(&scratch.path("devmapper")),
-    );
-    c.ok(&["images", "import", "--snapshotter", "devmapper", &env.busybox_image.display().to_string()]);
+    let c = pool.containerd(&env, &scratch, "idle_timeout_secs = 3\n");
     let dm = ["--snapshotter", "devmapper", "--runtime", RUNTIME];
 
     // Two containers at once, each on its own thin device, both attached.

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::host;
+use crate::containerd::Containerd;
+use crate::{host, Env, Scratch};
 
 pub struct ThinPool {
     pub name: String,
@@ -42,6 +43,20 @@ impl ThinPool {
             self.name,
             root.display()
         )
+    }
+
+    /// Starts containerd (see [`Containerd::start_configured`]) with its
+    /// devmapper snapshotter on this pool, and imports the busybox image
+    /// into that snapshotter too.
+    pub fn containerd(&self, env: &Env, scratch: &Scratch, hearth_extra: &str) -> Containerd {
+        let c = Containerd::start_configured(
+            env,
+            scratch,
+            hearth_extra,
+            &self.containerd_config(&scratch.path("devmapper")),
+        );
+        c.ok(&["images", "import", "--snapshotter", "devmapper", &env.busybox_image.display().to_string()]);
+        c
     }
 
     /// The thin devices in the pool (containerd's snapshots), as

@@ -32,13 +32,7 @@ pub fn run() -> Result<()> {
     // A thin pool for the devmapper snapshotter's roots.
     let pool = hearth_e2e::devmapper::ThinPool::new(&scratch.path("pool"), "hearth-bench-pool", 2048);
     // VMs idle out after a second, so that each cold run finds none.
-    let c = Containerd::start_configured(
-        &env,
-        &scratch,
-        "idle_timeout_secs = 1\n",
-        &pool.containerd_config(&scratch.path("devmapper")),
-    );
-    c.ok(&["images", "import", "--snapshotter", "devmapper", &env.busybox_image.display().to_string()]);
+    let c = pool.containerd(&env, &scratch, "idle_timeout_secs = 1\n");
     let no_vm = |c: &Containerd| {
         wait_until("the idle VM gone", Duration::from_secs(120), || c.vmm_pids().is_empty());
         wait_until("the shim gone", Duration::from_secs(60), || {
