@@ -50,7 +50,22 @@ pub fn prepare(bundles_dir: &Path, id: &str, mut spec: Spec, rootfs: &Rootfs) ->
     std::fs::create_dir_all(&dir).map_err(|e| AgentError::internal(format!("creating {}", dir.display()), e))?;
     let result = (|| {
         let mut disk = None;
-        let (root_path, overlay) = if !rootfs.block_serial.is_empty() {
+        let (root_path, overlay) = if !rootfs.block_serial.is_empty() && rootfs.block_is_lower {
+            let lower = dir.join("lower");
+            mount_disk(&lower, rootfs)?;
+            disk = Some(lower.clone());
+            let scratch = dir.join("scratch");
+            mount_scratch(&scratch)?;
+            let target = dir.join("rootfs");
+            let on_disk = Rootfs {
+                lower_dirs: vec![lower.display().to_string()],
+                upper_dir: scratch.join("upper").display().to_string(),
+                work_dir: scratch.join("work").display().to_string(),
+                ..Default::default()
+            };
+            mount_overlay(&dir, &target, &on_disk)?;
+            (target.clone(), Some(target))
+        } else if !rootfs.block_serial.is_empty() {
             let target = dir.join("rootfs");
             mount_disk(&target, rootfs)?;
             disk = Some(target.clone());
@@ -98,7 +113,9 @@ pub fn prepare(bundles_dir: &Path, id: &str, mut spec: Spec, rootfs: &Rootfs) ->
         Ok(Bundle { dir: dir.clone(), rootfs: root_path, overlay, disk, cgroup_path })
     })();
     if result.is_err() {
-        let _ = umount2(&dir.join("rootfs"), MntFlags::empty());
+        for m in ["rootfs", "scratch", "lower"] {
+            let _ = umount2(&dir.join(m), MntFlags::empty());
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
     result
@@ -167,9 +184,24 @@ fn mount_disk(target: &Path, rootfs: &Rootfs) -> Result<()> {
     std::fs::create_dir_all(target).map_err(|e| AgentError::internal(format!("creating {}", target.display()), e))?;
     let dev = format!("/dev/{name}");
     // discard: a deleted file's blocks go back to the host's sparse image.
-    let data = if fs_type == "erofs" { "" } else { "discard" };
-    mount(Some(dev.as_str()), target, Some(fs_type), MsFlags::MS_NOATIME, Some(data))
+    // erofs is read-only, and its disk may be too (a write open would fail).
+    let (data, flags) = if fs_type == "erofs" {
+        ("", MsFlags::MS_NOATIME | MsFlags::MS_RDONLY)
+    } else {
+        ("discard", MsFlags::MS_NOATIME)
+    };
+    mount(Some(dev.as_str()), target, Some(fs_type), flags, Some(data))
         .map_err(|e| AgentError::internal(format!("mounting the disk {dev} ({fs_type}, serial {serial})"), e))
+}
+
+/// The writable layer of a root over a read-only disk: a tmpfs of the
+/// container's own (overlayfs needs a file system with whiteouts and
+/// trusted xattrs for its upper), as large as the kernel's default (half
+/// the VM's memory), gone when the container is.
+fn mount_scratch(scratch: &Path) -> Result<()> {
+    std::fs::create_dir_all(scratch).map_err(|e| AgentError::internal(format!("creating {}", scratch.display()), e))?;
+    mount(Some("tmpfs"), scratch, Some("tmpfs"), MsFlags::MS_NOATIME, Some("mode=0755"))
+        .map_err(|e| AgentError::internal(format!("mounting the writable layer's tmpfs on {}", scratch.display()), e))
 }
 
 fn mount_overlay(dir: &Path, target: &Path, rootfs: &Rootfs) -> Result<()> {
@@ -196,17 +228,22 @@ fn mount_overlay(dir: &Path, target: &Path, rootfs: &Rootfs) -> Result<()> {
 
 impl Bundle {
     pub fn remove(&self) {
+        // The overlay first: a disk that is its lower layer is busy under it.
+        if let Some(o) = &self.overlay {
+            if let Err(e) = umount2(o, MntFlags::MNT_DETACH) {
+                tracing::warn!(overlay = %o.display(), "unmounting the overlay: {e}");
+            }
+        }
+        let scratch = self.dir.join("scratch");
+        if self.disk.is_some() && scratch.exists() {
+            let _ = umount2(&scratch, MntFlags::MNT_DETACH);
+        }
         if let Some(d) = &self.disk {
             // Every process of the container is gone: a plain unmount
             // writes the file system back before the host detaches it.
             if let Err(e) = umount2(d, MntFlags::empty()) {
                 tracing::error!(root = %d.display(), "unmounting the disk root: {e}; detaching it lazily");
                 let _ = umount2(d, MntFlags::MNT_DETACH);
-            }
-        }
-        if let Some(o) = &self.overlay {
-            if let Err(e) = umount2(o, MntFlags::MNT_DETACH) {
-                tracing::warn!(overlay = %o.display(), "unmounting the overlay: {e}");
             }
         }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
