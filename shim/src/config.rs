@@ -54,6 +54,14 @@ pub struct Config {
     /// Where the disk images that containers may run on (annotation
     /// `io.hearth.rootfs.disk`) must lie.
     pub disk_images_dir: PathBuf,
+    /// How roots from containerd's overlayfs snapshotter reach the VM:
+    /// `erofs` (an image of the layers on a disk, the writes kept in the
+    /// guest: layers.rs) or `virtio-fs` (the snapshot shared).
+    pub overlay_roots: crate::layers::OverlayRoots,
+    /// Where the erofs images of layers are kept (host-only).
+    pub layer_images_dir: PathBuf,
+    /// How many of them are kept, the least recently used removed first.
+    pub layer_images_kept: usize,
     /// The VM's own network: `nat` (to the host's network through a bridge,
     /// docs/networking.md) or `off` (loopback only).
     pub network: crate::network::NetMode,
@@ -98,6 +106,9 @@ impl Default for Config {
             console_log_max_kib: 32 << 10,
             disk_slots: 4,
             disk_images_dir: "/var/lib/hearth/disks".into(),
+            overlay_roots: crate::layers::OverlayRoots::Erofs,
+            layer_images_dir: "/var/lib/hearth/layers".into(),
+            layer_images_kept: 32,
             network: crate::network::NetMode::Nat,
             network_subnet: "10.89.0.0/24".into(),
             network_bridge: "hearth0".into(),

@@ -15,6 +15,8 @@
 //! - [`metrics`]: the agent's cgroup statistics as containerd's metrics;
 //! - [`io`]: containerd's FIFOs to and from the agent's stdio streams;
 //! - [`disk`]: container roots on disk images attached to the VM;
+//! - [`layers`]: roots from overlayfs snapshots as erofs images of their
+//!   layers, attached to the VM, the writes kept in the guest;
 //! - [`network`]: the VM's own NAT network; [`netns`]: a container's
 //!   network from the namespace its caller made, mirrored into the VM;
 //! - [`pod`]: a CRI pod's containers join its sandbox's namespaces in the VM;
@@ -28,6 +30,7 @@ pub mod dns;
 pub mod forward;
 pub mod hooks;
 pub mod io;
+pub mod layers;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;

@@ -55,6 +55,9 @@ struct Container {
     /// The id of the disk its root is on, attached to the VM (detached at
     /// delete), if it runs on a disk image (see disk.rs).
     disk: Option<String>,
+    /// The key of the layer image its root is over, if it runs on one
+    /// (layers.rs): released at delete.
+    layers: Option<String>,
     /// The pid containerd is given for each of the container's processes:
     /// hearth-vmm's, the host process that runs them (as Kata reports its
     /// hypervisor's). A guest pid means nothing on the host, and `docker
@@ -519,6 +522,41 @@ impl Service {
         Ok(())
     }
 
+    /// The erofs image of the container's layers, attached to the VM, when
+    /// its root is an overlayfs snapshot and that path is chosen (its key
+    /// and disk serial); None for the virtio-fs path, which is also where a
+    /// root goes when the image cannot be made or attached (said in the log).
+    fn layer_root(
+        &self,
+        req: &CreateTaskRequest,
+        spec: &oci_spec::runtime::Spec,
+        vm: &Vm,
+    ) -> anyhow::Result<Option<(String, String)>> {
+        let cfg = self.cfg();
+        if crate::layers::wanted(spec, cfg.overlay_roots)? != crate::layers::OverlayRoots::Erofs {
+            return Ok(None);
+        }
+        let Some(lowers) = crate::layers::lower_dirs(&req.rootfs) else { return Ok(None) };
+        let attached = (|| {
+            let (key, image) = crate::layers::image(&cfg.layer_images_dir, &lowers)?;
+            let serial = vm.layers.acquire(&vm.api, &key, &image)?;
+            Ok::<_, anyhow::Error>((key, serial))
+        })();
+        match attached {
+            Ok(a) => {
+                crate::layers::prune(&cfg.layer_images_dir, cfg.layer_images_kept);
+                Ok(Some(a))
+            }
+            Err(e) => {
+                log::warn!(
+                    "container {}: its root goes over virtio-fs, not on an erofs image of its layers: {e:#}",
+                    req.id
+                );
+                Ok(None)
+            }
+        }
+    }
+
     /// Detaches a container's disk root from the VM (its agent unmounted it).
     fn detach_disk(vm: &Vm, id: &str, disk: &Option<String>) {
         if let Some(serial) = disk {
@@ -550,6 +588,7 @@ impl Service {
         // not follow symlinks there.
         let writable = GuestWritable::scan(&self.cfg().state_dir);
         let mut disk = None;
+        let mut layers = None;
         let mut mirrored = None;
         let mut dns = None;
         let result = (|| {
@@ -578,10 +617,22 @@ impl Service {
                     log::info!("container {}: root on {what} (disk {serial})", req.id);
                     pb::Rootfs { block_serial: serial, ..Default::default() }
                 }
-                None => {
-                    self.share_root(req, &bundle, &spec, &vm, &writable, &mut mounts)?;
-                    pb::Rootfs { path: guest_root.display().to_string(), ..Default::default() }
-                }
+                None => match self.layer_root(req, &spec, &vm)? {
+                    Some((key, serial)) => {
+                        log::info!("container {}: root on the erofs image {key} of its layers (disk {serial})", req.id);
+                        layers = Some(key);
+                        pb::Rootfs {
+                            block_serial: serial,
+                            fs_type: "erofs".into(),
+                            block_is_lower: true,
+                            ..Default::default()
+                        }
+                    }
+                    None => {
+                        self.share_root(req, &bundle, &spec, &vm, &writable, &mut mounts)?;
+                        pb::Rootfs { path: guest_root.display().to_string(), ..Default::default() }
+                    }
+                },
             };
             // Read before the translation drops the path (the guest cannot
             // join a host namespace; it gets its interfaces instead).
@@ -670,6 +721,7 @@ impl Service {
                     execs: HashMap::new(),
                     vm_boot_id: vm.boot_id.clone(),
                     disk,
+                    layers,
                     host_pid,
                     guest_pid,
                     netns: mirrored,
@@ -685,6 +737,9 @@ impl Service {
                 }
                 Self::undo_mounts(&mounts);
                 Self::detach_disk(&vm, &req.id, &disk);
+                if let Some(key) = &layers {
+                    vm.layers.release(&vm.api, key);
+                }
                 vm.forget_dirs(&req.id);
                 Err(e)
             }
@@ -991,6 +1046,9 @@ impl Task for Service {
             }
             Self::undo_mounts(&c.mounts);
             Self::detach_disk(&vm, &req.id, &c.disk);
+            if let Some(key) = &c.layers {
+                vm.layers.release(&vm.api, key);
+            }
             if let Some(m) = &c.netns {
                 m.teardown(Some(&vm.api));
             }

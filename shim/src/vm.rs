@@ -54,6 +54,8 @@ pub struct Vm {
     pub agent: AgentClient,
     /// hearth-vmm's control socket: disks attached while it runs.
     pub api: hearth_vmm::api::Client,
+    /// The layer images attached, shared by the containers on them.
+    pub layers: crate::layers::Attached,
     pub vmm_pid: i32,
     pub boot_id: String,
     /// hearth-vmm's own cgroup (None on a cgroup v1 host).
@@ -278,6 +280,7 @@ impl Vm {
             vsock,
             agent,
             api,
+            layers: Default::default(),
             vmm_pid: pid,
             boot_id,
             cgroup,

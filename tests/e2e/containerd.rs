@@ -455,3 +455,88 @@ fn containers_run_on_devmapper_snapshots_attached_as_disks() {
     drop(c);
     drop(pool);
 }
+
+#[test]
+fn overlayfs_roots_run_on_an_erofs_image_of_their_layers() {
+    let env = Env::get();
+    let scratch = Scratch::new("containerd-erofs");
+    let layers = scratch.path("layers");
+    let c = Containerd::start_with(
+        &env,
+        &scratch,
+        &format!("idle_timeout_secs = 3\noverlay_roots = \"erofs\"\nlayer_images_dir = \"{}\"\n", layers.display()),
+    );
+    let vm_info = || {
+        let vm = std::fs::read_dir(&c.vms).unwrap().flatten().find(|e| e.path().join("jail").is_dir()).unwrap().path();
+        hearth_vmm::api::Client::new(vm.join("jail/api.sock")).info().expect("the VMM's control socket")
+    };
+    let attached =
+        |info: &hearth_vmm::api::VmInfo| -> Vec<String> { info.disks.iter().filter_map(|d| d.id.clone()).collect() };
+
+    // Two containers of one image: one image built, one disk attached.
+    for id in ["e1", "e2"] {
+        c.ok(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "1000"]);
+        wait_until(&format!("{id} running"), Duration::from_secs(120), || running(&c, id));
+    }
+    let images: Vec<_> = std::fs::read_dir(&layers).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(images.len(), 1, "one erofs image for the image's layers: {images:?}");
+    let disks = attached(&vm_info());
+    assert!(disks.len() == 1 && disks[0].starts_with("lay"), "one layer disk for both: {disks:?}");
+    // The root is an overlay in the guest over the erofs disk.
+    let mounts = c.ok(&["task", "exec", "--exec-id", "m", "e1", "cat", "/proc/mounts"]);
+    assert!(mounts.lines().any(|l| l.starts_with("overlay / overlay ")), "e1's root: {mounts}");
+    // Each writes its own upper layer: e2 sees none of e1's files, and the
+    // image's files are all there.
+    c.ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "w",
+        "e1",
+        "sh",
+        "-c",
+        "echo mine > /proof && rm /bin/ls && mkdir -p /a/b && echo x > /a/b/c",
+    ]);
+    assert_eq!(c.ok(&["task", "exec", "--exec-id", "r", "e1", "cat", "/proof", "/a/b/c"]), "mine\nx\n");
+    let o = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "r",
+        "e2",
+        "sh",
+        "-c",
+        "test ! -e /proof && ls / >/dev/null && echo clean",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "clean\n", "e2 beside e1: {}", text(&o));
+
+    // The disk stays while one container is on it, and goes with the last.
+    c.kill_and_remove(&["e1"]);
+    assert_eq!(attached(&vm_info()).len(), 1, "e2 still runs on the layer disk");
+    // Chosen per container by annotation: this one is shared over virtio-fs.
+    c.ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "io.hearth.rootfs.layers=virtio-fs",
+        IMAGE,
+        "v1",
+        "sleep",
+        "1000",
+    ]);
+    wait_until("v1 running", Duration::from_secs(120), || running(&c, "v1"));
+    let root = c.ok(&["task", "exec", "--exec-id", "m", "v1", "sh", "-c", "grep ' / ' /proc/mounts"]);
+    assert!(root.contains(" / virtiofs "), "v1's root: {root}");
+    c.kill_and_remove(&["e2"]);
+    assert!(attached(&vm_info()).is_empty(), "the layer disk detached with its last container");
+    c.kill_and_remove(&["v1"]);
+
+    // A mistaken annotation is named with its fix, and nothing is left.
+    let o = c.run("bad", &["--annotation", "io.hearth.rootfs.layers=nfs"], &["true"]);
+    assert!(!o.status.success() && text(&o).contains("use erofs or virtio-fs"), "{}", text(&o));
+    let _ = c.ctr(&["containers", "rm", "bad"]);
+    wait_until("the VM idled out", Duration::from_secs(120), || c.vmm_pids().is_empty());
+    drop(c);
+}

@@ -25,6 +25,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("containerd", "containerd and ctr, which drive the shim (e2e containerd, the demo)"),
     ("qemu-system-x86", "the test host, and the reference VMM of `bench boot`"),
     ("e2fsprogs", "ext4 images for the guest's disks (mke2fs -d, debugfs)"),
+    ("erofs-utils", "mkfs.erofs: the shim's erofs images of containers' layers (shim/src/layers.rs)"),
     ("dmsetup", "device-mapper thin pools for containerd's devmapper snapshotter (e2e containerd)"),
     ("libseccomp-dev", "building virtiofsd, and libseccomp.a for the static hearth-agent"),
     ("libcap-ng-dev", "building virtiofsd"),

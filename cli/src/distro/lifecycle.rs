@@ -49,6 +49,10 @@ impl Hearth {
         if let Some(disk) = &d.disk {
             // The shim attaches this image and the agent mounts it as the root.
             json["annotations"][containerd_shim_hearth_v2::disk::ANNOTATION] = disk.display().to_string().into();
+        } else {
+            // A distro on a snapshot keeps its files in that snapshot: never
+            // on an image of its layers with its writes in the VM's memory.
+            json["annotations"][containerd_shim_hearth_v2::layers::ANNOTATION] = "virtio-fs".into();
         }
         Ok(prost_types::Any { type_url: SPEC_TYPE_URL.into(), value: serde_json::to_vec(&json)? })
     }
