@@ -25,7 +25,9 @@ use hearth_e2e::{Env, Scratch};
 fn symlinks_planted_in_the_shares_redirect_nothing() {
     let env = Env::get();
     let scratch = Scratch::new("escape-symlinks");
-    let c = Containerd::start(&env, &scratch, 3);
+    // The roots share is the attack surface: the containers' roots on it
+    // (an overlayfs root otherwise goes on an erofs image, off the share).
+    let c = Containerd::start_with(&env, &scratch, "idle_timeout_secs = 3\noverlay_roots = \"virtio-fs\"\n");
     // `precious` stands in for /etc: what the attacker aims the shim at.
     let (precious, volume, own) = (scratch.path("precious"), scratch.path("volume"), scratch.path("own"));
     for d in [&precious, &volume, &own] {

@@ -9,7 +9,10 @@
 //! - virtio-vsock, host to guest, against the same bytes over a Unix socket
 //!   on the host;
 //! - virtio-fs: untar of a tree of several thousand small files into the
-//!   share, against untar of the same archive on the host.
+//!   share, against untar of the same archive on the host;
+//! - the block path for files: the same untar onto ext4 on a virtio-blk
+//!   disk (an empty image, as a distro's), against the same host figure and
+//!   the virtio-fs one.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -109,7 +112,7 @@ pub fn run(a: &Artefacts) -> Result<()> {
 
 fn measure(a: &Artefacts, dir: &Path) -> Result<()> {
     println!(
-        "bench devices: virtio-blk {DISK_MIB} MiB, vsock {VSOCK_MIB} MiB, virtio-fs untar of {} files",
+        "bench devices: virtio-blk {DISK_MIB} MiB, vsock {VSOCK_MIB} MiB, untar of {} files onto virtio-fs and onto ext4 on virtio-blk",
         TREE_DIRS * TREE_FILES_PER_DIR
     );
 
@@ -138,6 +141,11 @@ a=$(t); dd if=/dev/vdb of=/dev/null bs=1M iflag=direct 2>/dev/null
 echo "HEARTH-BLK-READ-SECS: $(since $a)"
 a=$(t); dd if=/dev/zero of=/dev/vdb bs=1M count={DISK_MIB} oflag=direct 2>/dev/null; sync
 echo "HEARTH-BLK-WRITE-SECS: $(since $a)"
+mkdir -p /mnt/data && mount -t ext4 /dev/vdc /mnt/data
+a=$(t); tar xf tree.tar -C /mnt/data; sync
+echo "HEARTH-BLK-UNTAR-SECS: $(since $a)"
+echo "HEARTH-BLK-FILES: $(find /mnt/data/tree -type f | wc -l)"
+umount /mnt/data
 mkdir -p /mnt/share && mount -t virtiofs bench /mnt/share
 a=$(t); tar xf tree.tar -C /mnt/share; sync
 echo "HEARTH-FS-UNTAR-SECS: $(since $a)"
@@ -152,6 +160,9 @@ umount /mnt/share
     sh::run(
         Command::new("mke2fs").args(["-q", "-F", "-t", "ext4", "-d"]).arg(dir.join("run")).arg(&run_img).arg("64M"),
     )?;
+    // The block path's file system: an empty ext4 image, as a distro's.
+    let data_img = dir.join("data.img");
+    sh::run(Command::new("mke2fs").args(["-q", "-F", "-t", "ext4"]).arg(&data_img).arg("256M"))?;
     let share = dir.join("share");
     std::fs::create_dir_all(&share)?;
     let socket = dir.join("v.sock");
@@ -166,6 +177,8 @@ umount /mnt/share
         .arg(&run_img)
         .arg("--disk")
         .arg(&disk)
+        .arg("--disk")
+        .arg(&data_img)
         .arg("--fs")
         .arg(format!("tag=bench,dir={}", share.display()))
         .arg("--vsock")
@@ -221,6 +234,10 @@ umount /mnt/share
     let blk_read = fact(&lines, "BLK-READ-SECS")?;
     let blk_write = fact(&lines, "BLK-WRITE-SECS")?;
     let untar = fact(&lines, "FS-UNTAR-SECS")?;
+    let blk_untar = fact(&lines, "BLK-UNTAR-SECS")?;
+    if fact(&lines, "BLK-FILES")? as usize != files {
+        bail!("the guest untarred {} files onto ext4, expected {files}", fact(&lines, "BLK-FILES")?);
+    }
     let guest_files = fact(&lines, "FS-FILES")? as usize;
     if guest_files != files {
         bail!("the guest untarred {guest_files} files, expected {files}");
@@ -246,5 +263,10 @@ umount /mnt/share
         "virtio-fs untar of {files} files: guest {untar:.2} s | host {host_untar:.2} s | time ratio guest/host: {:.1}",
         untar / host_untar
     );
+    println!(
+        "ext4 on virtio-blk untar of {files} files: guest {blk_untar:.2} s | host {host_untar:.2} s | time ratio guest/host: {:.1}",
+        blk_untar / host_untar
+    );
+    println!("ratio untar virtio-blk (ext4)/virtio-fs {:.3}", blk_untar / untar);
     Ok(())
 }
