@@ -163,8 +163,21 @@ fn build(dir: &Path, key: &str, lowers: &[PathBuf], path: &Path) -> Result<()> {
 }
 
 /// Removes all but the `keep` most recently used images in `dir` (an image
-/// still attached stays usable: the VMM holds it open).
+/// still attached stays usable: the VMM holds it open), and what a build
+/// that a dead shim left behind (its temporary image and mount point, an
+/// hour old: no build takes that long).
 pub fn prune(dir: &Path, keep: usize) {
+    let stale = |e: &std::fs::DirEntry| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let old = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+        name.starts_with('.')
+            && (name.ends_with(".tmp") || name.ends_with(".mnt"))
+            && old.is_some_and(|d| d > std::time::Duration::from_secs(3600))
+    };
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten().filter(stale) {
+        let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_file(e.path()).or_else(|_| std::fs::remove_dir(e.path()));
+    }
     let mut images: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
