@@ -96,7 +96,14 @@ pub fn image(dir: &Path, lowers: &[PathBuf]) -> Result<(String, File)> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating the layer images directory {}", dir.display()))?;
     let path = dir.join(format!("{key}.erofs"));
     if !path.exists() {
-        build(dir, &key, lowers, &path)?;
+        // One build at a time in this shim: two creates of a new image at
+        // once would otherwise share the temporary names, and the second
+        // finds the first's image.
+        static BUILDING: Mutex<()> = Mutex::new(());
+        let _one = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+        if !path.exists() {
+            build(dir, &key, lowers, &path)?;
+        }
     }
     let file = std::fs::OpenOptions::new()
         .read(true)
