@@ -154,10 +154,18 @@ fn a_vsock_flood_is_capped() {
     let vmm = c.vmm_pids()[0];
     assert_jailed(vmm);
     // Its control socket, inside the jail, answers the host: running, with
-    // the configured disk slots, all empty.
+    // the configured disk slots, empty but for the container's layer image
+    // (its root on erofs, layers.rs), which is read-only.
     let info = hearth_vmm::api::Client::new(dirs[0].join("jail/api.sock")).info().expect("the VMM's control socket");
     assert_eq!(info.state, hearth_vmm::api::protocol::VmState::Running);
-    assert_eq!(info.disks.iter().filter(|d| d.slot && d.id.is_none()).count(), 4, "{info:?}");
+    assert_eq!(info.disks.iter().filter(|d| d.slot).count(), 4, "{info:?}");
+    assert!(
+        info.disks
+            .iter()
+            .filter_map(|d| d.id.as_ref().map(|id| (id, d.read_only)))
+            .all(|(id, ro)| id.starts_with("lay") && ro),
+        "{info:?}"
+    );
     let cgroup = assert_in_its_cgroup(vmm, &dirs[0], &c);
     let rss_before = hearth_e2e::proc_status_kib(vmm as u32, "VmRSS").unwrap();
 
