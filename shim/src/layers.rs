@@ -89,9 +89,10 @@ pub fn serial(key: &str) -> String {
     format!("lay{}", &key[..16])
 }
 
-/// The image of `lowers` in `dir`, built if it is not there yet; opened
+/// The image of `lowers` in `dir`, built if it is not there yet (then the
+/// `keep` most recently used are kept: only a build adds one); opened
 /// read-only.
-pub fn image(dir: &Path, lowers: &[PathBuf]) -> Result<(String, File)> {
+pub fn image(dir: &Path, lowers: &[PathBuf], keep: usize) -> Result<(String, File)> {
     let key = key(lowers)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating the layer images directory {}", dir.display()))?;
     let path = dir.join(format!("{key}.erofs"));
@@ -103,6 +104,7 @@ pub fn image(dir: &Path, lowers: &[PathBuf]) -> Result<(String, File)> {
         let _one = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
         if !path.exists() {
             build(dir, &key, lowers, &path)?;
+            prune(dir, keep);
         }
     }
     let file = std::fs::OpenOptions::new()
@@ -302,7 +304,7 @@ mod tests {
         nix::sys::stat::mknod(&upper.join("gone"), nix::sys::stat::SFlag::S_IFCHR, nix::sys::stat::Mode::empty(), 0)
             .expect("mknod (run the shim's tests as root)");
         let lowers = vec![upper.clone(), lower.clone()];
-        let (key, _file) = image(&images, &lowers).expect("building the image");
+        let (key, _file) = image(&images, &lowers, 8).expect("building the image");
         let built = images.join(format!("{key}.erofs"));
         let out = dir.join("extracted");
         let s = Command::new("fsck.erofs").arg(format!("--extract={}", out.display())).arg(&built).status().unwrap();
@@ -312,7 +314,7 @@ mod tests {
         assert!(!out.join("gone").exists(), "the whiteout hides the lower file");
         // Reused, not rebuilt: the same key, the same file.
         let ino = std::fs::metadata(&built).unwrap().ino();
-        assert_eq!(image(&images, &lowers).unwrap().0, key);
+        assert_eq!(image(&images, &lowers, 8).unwrap().0, key);
         assert_eq!(std::fs::metadata(&built).unwrap().ino(), ino);
         // No temporary file or mount point is left beside it.
         assert_eq!(std::fs::read_dir(&images).unwrap().count(), 1);

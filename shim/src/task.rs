@@ -538,15 +538,12 @@ impl Service {
         }
         let Some(lowers) = crate::layers::lower_dirs(&req.rootfs) else { return Ok(None) };
         let attached = (|| {
-            let (key, image) = crate::layers::image(&cfg.layer_images_dir, &lowers)?;
+            let (key, image) = crate::layers::image(&cfg.layer_images_dir, &lowers, cfg.layer_images_kept)?;
             let serial = vm.layers.acquire(&vm.api, &key, &image)?;
             Ok::<_, anyhow::Error>((key, serial))
         })();
         match attached {
-            Ok(a) => {
-                crate::layers::prune(&cfg.layer_images_dir, cfg.layer_images_kept);
-                Ok(Some(a))
-            }
+            Ok(a) => Ok(Some(a)),
             Err(e) => {
                 log::warn!(
                     "container {}: its root goes over virtio-fs, not on an erofs image of its layers: {e:#}",
@@ -557,12 +554,17 @@ impl Service {
         }
     }
 
-    /// Detaches a container's disk root from the VM (its agent unmounted it).
-    fn detach_disk(vm: &Vm, id: &str, disk: &Option<String>) {
+    /// Lets go of a container's disks in the VM (its agent unmounted
+    /// them): its disk root is detached, its layer image released (detached
+    /// with the image's last container).
+    fn release_disks(vm: &Vm, id: &str, disk: &Option<String>, layers: &Option<String>) {
         if let Some(serial) = disk {
             if let Err(e) = vm.api.detach_disk(serial) {
                 log::warn!("container {id}: detaching its disk {serial}: {e}");
             }
+        }
+        if let Some(key) = layers {
+            vm.layers.release(&vm.api, key);
         }
     }
 
@@ -736,10 +738,7 @@ impl Service {
                     m.teardown(Some(&vm.api));
                 }
                 Self::undo_mounts(&mounts);
-                Self::detach_disk(&vm, &req.id, &disk);
-                if let Some(key) = &layers {
-                    vm.layers.release(&vm.api, key);
-                }
+                Self::release_disks(&vm, &req.id, &disk, &layers);
                 vm.forget_dirs(&req.id);
                 Err(e)
             }
@@ -1045,10 +1044,7 @@ impl Task for Service {
                 log::warn!("deleting {} in the VM: {e:?}", req.id);
             }
             Self::undo_mounts(&c.mounts);
-            Self::detach_disk(&vm, &req.id, &c.disk);
-            if let Some(key) = &c.layers {
-                vm.layers.release(&vm.api, key);
-            }
+            Self::release_disks(&vm, &req.id, &c.disk, &c.layers);
             if let Some(m) = &c.netns {
                 m.teardown(Some(&vm.api));
             }
