@@ -60,9 +60,10 @@ pub fn run() -> Result<()> {
     }
     // The root's path: virtio-fs (overlayfs snapshot) against a disk
     // (devmapper snapshot), the start and file-heavy work.
-    let on = |runtime: &'static str, snapshotter: &'static str, id: String, cmd: &'static [&'static str]| {
-        let path = if snapshotter == "erofs" { EROFS } else { VIRTIO_FS };
-        let snapshotter = if snapshotter == "erofs" { "overlayfs" } else { snapshotter };
+    // Each root's path: its snapshotter, and the annotation choosing how an
+    // overlayfs root reaches the VM.
+    let (virtio_fs, erofs, devmapper) = (("overlayfs", VIRTIO_FS), ("overlayfs", EROFS), ("devmapper", VIRTIO_FS));
+    let on = |runtime: &'static str, (snapshotter, path): (&str, &str), id: String, cmd: &'static [&'static str]| {
         let mut args =
             vec!["run", "--rm", "--snapshotter", snapshotter, "--runtime", runtime, "--annotation", path, IMAGE];
         args.push(&id);
@@ -70,16 +71,16 @@ pub fn run() -> Result<()> {
         timed_ctr(&c, &args)
     };
     // The erofs image's first use builds it.
-    let erofs_first = on(RUNTIME, "erofs", "erofs-first".into(), &["true"])?;
+    let erofs_first = on(RUNTIME, erofs, "erofs-first".into(), &["true"])?;
     let (mut dm_start, mut fs_files, mut dm_files, mut runc_files) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut erofs_start, mut erofs_files) = (Vec::new(), Vec::new());
     for i in 0..RUNS {
-        dm_start.push(on(RUNTIME, "devmapper", format!("dm-{i}"), &["true"])?);
-        erofs_start.push(on(RUNTIME, "erofs", format!("erofs-{i}"), &["true"])?);
-        fs_files.push(on(RUNTIME, "overlayfs", format!("fs-files-{i}"), &["sh", "-c", FILES])?);
-        erofs_files.push(on(RUNTIME, "erofs", format!("erofs-files-{i}"), &["sh", "-c", FILES])?);
-        dm_files.push(on(RUNTIME, "devmapper", format!("dm-files-{i}"), &["sh", "-c", FILES])?);
-        runc_files.push(on("io.containerd.runc.v2", "overlayfs", format!("runc-files-{i}"), &["sh", "-c", FILES])?);
+        dm_start.push(on(RUNTIME, devmapper, format!("dm-{i}"), &["true"])?);
+        erofs_start.push(on(RUNTIME, erofs, format!("erofs-{i}"), &["true"])?);
+        fs_files.push(on(RUNTIME, virtio_fs, format!("fs-files-{i}"), &["sh", "-c", FILES])?);
+        erofs_files.push(on(RUNTIME, erofs, format!("erofs-files-{i}"), &["sh", "-c", FILES])?);
+        dm_files.push(on(RUNTIME, devmapper, format!("dm-files-{i}"), &["sh", "-c", FILES])?);
+        runc_files.push(on("io.containerd.runc.v2", virtio_fs, format!("runc-files-{i}"), &["sh", "-c", FILES])?);
     }
     c.ok(&["task", "kill", "-s", "SIGKILL", "keeper"]);
     let (cold, warm, runc) = (median_f64(cold), median_f64(warm), median_f64(runc));

@@ -61,31 +61,21 @@ fn timed(h: &Hearth, args: &[&str]) -> Result<f64> {
     Ok(ms)
 }
 
+/// The untar of `/root/tree.tar` as a [`timed_script`], into `dir`.
+fn untar_script(tree: &str, dir: &str) -> String {
+    timed_script(&format!("rm -rf {dir} && mkdir {dir}"), &format!("tar -xf {tree} -C {dir}"), &format!("rm -rf {dir}"))
+}
+
 /// Seconds the untar took inside the distro, as the distro measured them
 /// (hearth's own exec is not in the figure).
 fn untar_in_distro(h: &Hearth, distro: &str, run: usize) -> Result<f64> {
-    let script = format!(
-        "rm -rf /root/untar-{run}; mkdir /root/untar-{run}; s=$(date +%s%N); \
-         tar -xf /root/tree.tar -C /root/untar-{run}; sync; e=$(date +%s%N); \
-         echo $(( (e - s) / 1000000 )); rm -rf /root/untar-{run}"
-    );
-    let out = h.sh(distro, &script);
-    let ms: f64 = out.trim().parse().with_context(|| format!("the distro's timing: {out:?}"))?;
-    Ok(ms / 1000.0)
+    seconds(&h.sh(distro, &untar_script("/root/tree.tar", &format!("/root/untar-{run}"))))
 }
 
+/// The same untar on the host, measured the same way.
 fn untar_on_host(tree: &std::path::Path, dir: &std::path::Path) -> Result<f64> {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir)?;
-    let started = Instant::now();
-    let s = Command::new("tar").arg("-xf").arg(tree).arg("-C").arg(dir).status()?;
-    let _ = Command::new("sync").status();
-    let secs = started.elapsed().as_secs_f64();
-    if !s.success() {
-        bail!("tar on the host failed");
-    }
-    std::fs::remove_dir_all(dir)?;
-    Ok(secs)
+    let parent = dir.parent().context("the host's untar directory")?;
+    seconds(&sh_on_host(parent, &untar_script(&tree.display().to_string(), &dir.display().to_string()))?)
 }
 
 /// A script that prints the milliseconds `cmd` took (the set-up and the
