@@ -21,6 +21,9 @@ pub struct Bundle {
     /// The disk root this agent mounted: unmounted for real (not lazily)
     /// at removal, since the host detaches the disk next.
     pub disk: Option<PathBuf>,
+    /// The device of a writable disk root (`/dev/vdX`): at removal the
+    /// agent waits until no file system holds it any more.
+    pub disk_dev: Option<PathBuf>,
     /// The cgroup path in the spec (set to `/hearth/<id>` when absent).
     pub cgroup_path: PathBuf,
 }
@@ -50,6 +53,7 @@ pub fn prepare(bundles_dir: &Path, id: &str, mut spec: Spec, rootfs: &Rootfs) ->
     std::fs::create_dir_all(&dir).map_err(|e| AgentError::internal(format!("creating {}", dir.display()), e))?;
     let result = (|| {
         let mut disk = None;
+        let mut disk_dev = None;
         let (root_path, overlay) = if !rootfs.block_serial.is_empty() && rootfs.block_is_lower {
             let lower = dir.join("lower");
             mount_disk(&lower, rootfs)?;
@@ -67,7 +71,7 @@ pub fn prepare(bundles_dir: &Path, id: &str, mut spec: Spec, rootfs: &Rootfs) ->
             (target.clone(), Some(target))
         } else if !rootfs.block_serial.is_empty() {
             let target = dir.join("rootfs");
-            mount_disk(&target, rootfs)?;
+            disk_dev = Some(mount_disk(&target, rootfs)?);
             disk = Some(target.clone());
             (target, None)
         } else if rootfs.lower_dirs.is_empty() {
@@ -110,7 +114,7 @@ pub fn prepare(bundles_dir: &Path, id: &str, mut spec: Spec, rootfs: &Rootfs) ->
         spec.set_linux(Some(linux));
         let json = serde_json::to_vec_pretty(&spec).map_err(|e| AgentError::internal("writing config.json", e))?;
         std::fs::write(dir.join("config.json"), json).map_err(|e| AgentError::internal("writing config.json", e))?;
-        Ok(Bundle { dir: dir.clone(), rootfs: root_path, overlay, disk, cgroup_path })
+        Ok(Bundle { dir: dir.clone(), rootfs: root_path, overlay, disk, disk_dev, cgroup_path })
     })();
     if result.is_err() {
         for m in ["rootfs", "scratch", "lower"] {
@@ -159,7 +163,31 @@ pub fn find_disk(sys_block: &Path, serial: &str) -> Option<String> {
     None
 }
 
-fn mount_disk(target: &Path, rootfs: &Rootfs) -> Result<()> {
+/// Whether a file system (or anything else) holds block device `dev`: an
+/// exclusive open fails with EBUSY while one is mounted from it, in any
+/// mount namespace.
+fn held(dev: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(dev) {
+        Ok(_) => false,
+        Err(e) => e.raw_os_error() == Some(libc::EBUSY),
+    }
+}
+
+/// Waits up to `timeout` until nothing holds `dev`; whether it is free.
+fn wait_released(dev: &Path, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while held(dev) {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    true
+}
+
+/// Mounts the disk whose serial the request names on `target`; its device.
+fn mount_disk(target: &Path, rootfs: &Rootfs) -> Result<PathBuf> {
     let serial = &rootfs.block_serial;
     let ok = serial.len() <= 20 && serial.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if !ok {
@@ -181,8 +209,20 @@ fn mount_disk(target: &Path, rootfs: &Rootfs) -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
+    tracing::debug!(serial, name, "disk found");
     std::fs::create_dir_all(target).map_err(|e| AgentError::internal(format!("creating {}", target.display()), e))?;
     let dev = format!("/dev/{name}");
+    // A writable root is its container's alone. A file system still alive
+    // on this device (an earlier disk in the same slot, whose mount some
+    // namespace kept) would be taken for this disk's by the mount below:
+    // the kernel finds superblocks by device. erofs layer images are
+    // shared by the containers of one image, so they are not checked.
+    if fs_type != "erofs" && !wait_released(Path::new(&dev), DISK_WAIT) {
+        return Err(AgentError::FailedPrecondition(format!(
+            "the disk {dev} (serial {serial}) is still held by a file system mounted in the guest: \
+             an earlier disk in this slot was not released; delete what uses it, or restart the VM"
+        )));
+    }
     // discard: a deleted file's blocks go back to the host's sparse image.
     // erofs is read-only, and its disk may be too (a write open would fail).
     let (data, flags) = if fs_type == "erofs" {
@@ -191,7 +231,9 @@ fn mount_disk(target: &Path, rootfs: &Rootfs) -> Result<()> {
         ("discard", MsFlags::MS_NOATIME)
     };
     mount(Some(dev.as_str()), target, Some(fs_type), flags, Some(data))
-        .map_err(|e| AgentError::internal(format!("mounting the disk {dev} ({fs_type}, serial {serial})"), e))
+        .map_err(|e| AgentError::internal(format!("mounting the disk {dev} ({fs_type}, serial {serial})"), e))?;
+    tracing::debug!(serial, name, "disk mounted");
+    Ok(PathBuf::from(dev))
 }
 
 /// The writable layer of a root over a read-only disk: a tmpfs of the
@@ -239,11 +281,29 @@ impl Bundle {
             let _ = umount2(&scratch, MntFlags::MNT_DETACH);
         }
         if let Some(d) = &self.disk {
+            // The host detaches the disk once this returns. syncfs first:
+            // what the container wrote reaches the image even if another
+            // mount namespace keeps the file system alive past the unmount.
+            if let Ok(root) = std::fs::File::open(d) {
+                use std::os::fd::AsRawFd;
+                // SAFETY: syncfs on a descriptor we own.
+                if unsafe { libc::syncfs(root.as_raw_fd()) } != 0 {
+                    tracing::warn!(root = %d.display(), "syncfs: {}", std::io::Error::last_os_error());
+                }
+            }
             // Every process of the container is gone: a plain unmount
             // writes the file system back before the host detaches it.
             if let Err(e) = umount2(d, MntFlags::empty()) {
                 tracing::error!(root = %d.display(), "unmounting the disk root: {e}; detaching it lazily");
                 let _ = umount2(d, MntFlags::MNT_DETACH);
+            }
+        }
+        if let Some(dev) = &self.disk_dev {
+            // The unmount ends the file system only when no other mount of
+            // it is left; wait for that, so that the next disk in this slot
+            // is not mistaken for this one.
+            if !wait_released(dev, std::time::Duration::from_secs(10)) {
+                tracing::error!(dev = %dev.display(), "the disk root is still held after its unmount");
             }
         }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
