@@ -61,6 +61,16 @@ fn clone_internal(
     flags: u64,
     exit_signal: Option<u64>,
 ) -> Result<Pid, CloneError> {
+    // hearth: a plain child (no flags, SIGCHLD) is made with libc's fork,
+    // not the raw clone3 syscall. hearth-agent is multi-threaded, and the
+    // child is a copy of it at one instant: fork locks every malloc arena
+    // (and stdio) around the copy and resets them in the child, where a
+    // raw clone3 copies a lock another agent thread held at that instant
+    // (a free of memory this thread allocated takes this thread's arena),
+    // and the child's first allocation then waits for ever.
+    if flags == 0 && exit_signal == Some(SIGCHLD as u64) {
+        return fork_child(&mut cb);
+    }
     match clone3(&mut cb, flags, exit_signal) {
         Ok(pid) => Ok(pid),
         // For now, we decide to only fallback on ENOSYS
@@ -71,6 +81,19 @@ fn clone_internal(
             Ok(pid)
         }
         Err(err) => Err(err),
+    }
+}
+
+// hearth: see clone_internal.
+fn fork_child(cb: &mut CloneCb) -> Result<Pid, CloneError> {
+    match unsafe { libc::fork() } {
+        -1 => Err(CloneError::Clone(nix::Error::last())),
+        0 => {
+            // As in clone3 below: _exit, not std's exit.
+            let code = cb();
+            unsafe { libc::_exit(code) }
+        }
+        pid => Ok(Pid::from_raw(pid)),
     }
 }
 
