@@ -146,7 +146,8 @@ fn give_resolv_conf(root: &Path, vm_resolv: &Path) -> Result<()> {
     std::fs::write(&target, text).map_err(|e| fail("writing", e))
 }
 
-/// How long the agent waits for an attached disk to show up: the host's
+/// How long the agent waits for an attached disk to show up and be free
+/// of an earlier file system on its device: the host's
 /// attach reaches the guest's driver as a configuration-change interrupt,
 /// handled on a workqueue.
 const DISK_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
@@ -174,16 +175,22 @@ fn held(dev: &Path) -> bool {
     }
 }
 
-/// Waits up to `timeout` until nothing holds `dev`; whether it is free.
-fn wait_released(dev: &Path, timeout: std::time::Duration) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    while held(dev) {
+/// Polls `f` every 20 ms until it gives a value or `deadline` passes.
+fn poll_until<T>(deadline: std::time::Instant, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
         if std::time::Instant::now() > deadline {
-            return false;
+            return None;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    true
+}
+
+/// Waits until nothing holds `dev`, up to `deadline`; whether it is free.
+fn wait_released(dev: &Path, deadline: std::time::Instant) -> bool {
+    poll_until(deadline, || (!held(dev)).then_some(())).is_some()
 }
 
 /// Mounts the disk whose serial the request names on `target`; its device.
@@ -198,16 +205,10 @@ fn mount_disk(target: &Path, rootfs: &Rootfs) -> Result<PathBuf> {
         return Err(AgentError::InvalidArgument(format!("{fs_type:?} is not a file system for a disk root")));
     }
     let deadline = std::time::Instant::now() + DISK_WAIT;
-    let name = loop {
-        if let Some(n) = find_disk(Path::new("/sys/block"), serial) {
-            break n;
-        }
-        if std::time::Instant::now() > deadline {
-            return Err(AgentError::InvalidArgument(format!(
-                "no disk with serial {serial:?} appeared within {DISK_WAIT:?}: was it attached to this VM?"
-            )));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+    let Some(name) = poll_until(deadline, || find_disk(Path::new("/sys/block"), serial)) else {
+        return Err(AgentError::InvalidArgument(format!(
+            "no disk with serial {serial:?} appeared within {DISK_WAIT:?}: was it attached to this VM?"
+        )));
     };
     tracing::debug!(serial, name, "disk found");
     std::fs::create_dir_all(target).map_err(|e| AgentError::internal(format!("creating {}", target.display()), e))?;
@@ -217,7 +218,7 @@ fn mount_disk(target: &Path, rootfs: &Rootfs) -> Result<PathBuf> {
     // namespace kept) would be taken for this disk's by the mount below:
     // the kernel finds superblocks by device. erofs layer images are
     // shared by the containers of one image, so they are not checked.
-    if fs_type != "erofs" && !wait_released(Path::new(&dev), DISK_WAIT) {
+    if fs_type != "erofs" && !wait_released(Path::new(&dev), deadline) {
         return Err(AgentError::FailedPrecondition(format!(
             "the disk {dev} (serial {serial}) is still held by a file system mounted in the guest: \
              an earlier disk in this slot was not released; delete what uses it, or restart the VM"
@@ -302,7 +303,7 @@ impl Bundle {
             // The unmount ends the file system only when no other mount of
             // it is left; wait for that, so that the next disk in this slot
             // is not mistaken for this one.
-            if !wait_released(dev, std::time::Duration::from_secs(10)) {
+            if !wait_released(dev, std::time::Instant::now() + std::time::Duration::from_secs(10)) {
                 tracing::error!(dev = %dev.display(), "the disk root is still held after its unmount");
             }
         }
